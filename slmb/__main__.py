@@ -1,0 +1,3 @@
+from slmb.cli import main
+
+main()
