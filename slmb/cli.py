@@ -1,0 +1,116 @@
+"""The ``slmb`` command line: thin commands that parse, call one library function, and render.
+
+Imports of torch, pydantic models and rich tables happen inside the commands so ``slmb --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="slmb: design a small language model as JSON, validate it, train it, generate with it.")
+
+EXIT_INVALID = 1
+EXIT_UNREADABLE = 2
+
+
+def main() -> None:
+    app()
+
+
+def read_request(path: Path) -> Any:
+    """The parsed JSON body of a request file; exits 2 with a clear message when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}", EXIT_UNREADABLE)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", EXIT_UNREADABLE)
+    except RecursionError:
+        _fail(f"{path} nests too deeply to parse", EXIT_UNREADABLE)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{n:,.0f} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+@app.command()
+def validate(file: Path = typer.Argument(..., help="request JSON (the body the canvas posts)"),
+             as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """Check a request and show the model it describes: nodes, output shapes, parameters, memory.
+
+    Exit code 0 when valid, 1 when invalid (every error is printed), 2 when the file cannot be read.
+    """
+    from slmb.core.validate import validate as run_validation
+
+    report = run_validation(read_request(file))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _render_report(report, file)
+    raise typer.Exit(0 if report.ok else EXIT_INVALID)
+
+
+def _render_report(report, file: Path) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    if report.summary:
+        s = report.summary
+        table = Table(title=f"{file.name}: {report.request.model_name or '(no modelName)'}", title_justify="left")
+        for col, kw in (("node", {"no_wrap": True}), ("type", {"no_wrap": True}), ("output", {"no_wrap": True}),
+                        ("parameters", {"justify": "right", "no_wrap": True}), ("", {"style": "dim"})):
+            table.add_column(col, **kw)
+        for row in s.rows:
+            params = f"{row.parameters:,}" if row.parameters else "-"
+            table.add_row(row.path, "  " * row.depth + row.type, row.output_shape, params, escape(row.note))
+        console.print(table)
+        m = s.memory
+        console.print(f"parameters: [bold]{s.total_parameters:,}[/] (trainable {s.trainable_parameters:,})   "
+                      f"vocabulary: {s.vocab_size:,}   context: {s.context_length:,}")
+        console.print(f"memory: weights {_human_bytes(m['weights_fp32'])} fp32 / {_human_bytes(m['weights_bf16'])} "
+                      f"bf16; training ≈ {_human_bytes(m['training_total'])} "
+                      f"(weights, grads, AdamW, activations at batch {m['batch_size']} × {m['context_length']})")
+    for w in report.warnings:
+        console.print(f"[yellow]warning[/] {escape(w.path or '/')}: {escape(w.message)}"
+                      + (f" ({escape(w.hint)})" if w.hint else ""), highlight=False)
+    for e in report.errors:
+        detail = "; ".join(x for x in (f"expected {e.expected}" if e.expected else "",
+                                       f"found {e.found!r}" if e.found is not None else "") if x)
+        console.print(f"[red]error[/] {escape(e.path or '/')}: {escape(e.message)}"
+                      + (escape(f" [{detail}]") if detail else "")
+                      + (f"\n      hint: {escape(e.hint)}" if e.hint else ""), highlight=False)
+    if report.ok:
+        console.print("[green]valid[/]")
+    else:
+        console.print(f"[red]invalid[/]: {len(report.errors)} error(s)")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the request body."""
+    from slmb.core.spec import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""The nn building blocks, and one builder per node ``type`` (DESIGN.md §2.2).
+
+Every block takes ``(x, ctx)``: ``ctx`` carries the absolute position of the first token and the KV cache,
+so the same modules serve training (ctx.pos == 0, no cache) and cached decoding. Builders are small
+functions from resolved node arguments (see ``compiler.plan``) to a module; ``BUILDERS`` maps the node's
+``type`` string to its builder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Ctx:
+    """Per-forward state shared by all blocks: where the tokens sit and where keys/values are cached."""
+
+    pos: int = 0
+    cache: Any = None  # model.KVCache | None
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class TokenEmbedding(nn.Embedding):
+    def forward(self, ids: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        return super().forward(ids)  # (B, T) -> (B, T, E)
+
+
+class LearnedPositional(nn.Module):
+    def __init__(self, ctx_length: int, emb_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ctx_length, emb_dim))
+
+    def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        T = x.shape[1]
+        _check_window(ctx.pos + T, self.weight.shape[0])
+        return x + self.weight[ctx.pos : ctx.pos + T].to(x.dtype)
+
+
+class SinusoidalPositional(nn.Module):
+    """Fixed sin/cos table of Vaswani et al.; even channels sin, odd channels cos."""
+
+    def __init__(self, ctx_length: int, emb_dim: int):
+        super().__init__()
+        self.ctx_length, self.emb_dim = ctx_length, emb_dim
+        self.register_buffer("table", self._table(), persistent=False)
+
+    def _table(self) -> torch.Tensor:
+        pos = torch.arange(self.ctx_length, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, self.emb_dim, 2, dtype=torch.float32) * (-math.log(10000.0) / self.emb_dim))
+        table = torch.zeros(self.ctx_length, self.emb_dim)
+        table[:, 0::2] = torch.sin(pos * div)
+        table[:, 1::2] = torch.cos(pos * div)[:, : self.emb_dim // 2]
+        return table
+
+    def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        T = x.shape[1]
+        _check_window(ctx.pos + T, self.ctx_length)
+        return x + self.table[ctx.pos : ctx.pos + T].to(x.dtype)
+
+
+class Marker(nn.Module):
+    """Rotary and relative position nodes own no weights: they switch on behaviour in later attention nodes."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        return x
+
+    def extra_repr(self) -> str:
+        return self.mode
+
+
+def _check_window(end: int, limit: int) -> None:
+    if end > limit:
+        raise ValueError(f"sequence reaches position {end} but the model's context length is {limit}")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 and cast back, so bf16 activations keep full-precision statistics."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), b, self.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32 (as Llama and Qwen compute it), then cast back and scaled."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
+    """RoPE inverse frequencies, with Llama-3 scaling when ``scaling`` has its four keys."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_context_length"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by the factor, short ones kept, the band between interpolated smoothly.
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotate-half RoPE; one instance is shared by all attention nodes with equal settings."""
+
+    def __init__(self, head_dim: int, ctx_length: int, base: float, scaling: dict | None):
+        super().__init__()
+        self.head_dim, self.ctx_length = head_dim, ctx_length
+        freqs = torch.outer(torch.arange(ctx_length, dtype=torch.float32), rope_inv_freq(head_dim, base, scaling))
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = q.shape[-2]
+        _check_window(pos + T, self.ctx_length)
+        cos, sin = self.cos[pos : pos + T], self.sin[pos : pos + T]  # (T, hd)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class RelativeBias(nn.Module):
+    """T5-style learned relative-position bias: causal log-spaced buckets, one scalar per (bucket, head)."""
+
+    def __init__(self, num_heads: int, max_distance: int, num_buckets: int = 32):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.weight = nn.Parameter(torch.empty(num_buckets, num_heads))
+
+    def buckets(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        n = (q_pos[:, None] - k_pos[None, :]).clamp(min=0)  # (Tq, Tk) distance back in time
+        exact = self.num_buckets // 2
+        log_ratio = torch.log(n.float().clamp(min=1) / exact) / math.log(max(self.max_distance / exact, 1.0 + 1e-6))
+        large = (exact + log_ratio * (self.num_buckets - exact)).long().clamp(max=self.num_buckets - 1)
+        return torch.where(n < exact, n, large)
+
+    def forward(self, pos: int, Tq: int, Tk: int) -> torch.Tensor:
+        dev = self.weight.device
+        q_pos = torch.arange(pos, pos + Tq, device=dev)
+        k_pos = torch.arange(Tk, device=dev)
+        bias = self.weight[self.buckets(q_pos, k_pos)]  # (Tq, Tk, H)
+        return bias.permute(2, 0, 1)  # (H, Tq, Tk)
+
+
+class Attention(nn.Module):
+    """Causal self-attention for MHA and GQA, with optional qk-norm, RoPE and relative-position bias.
+
+    ::
+
+        x ─ qkv ─┬─ q (H heads)  ─ qk-norm ─ RoPE ─┐
+                 ├─ k (KV heads) ─ qk-norm ─ RoPE ─┼─ SDPA (each KV head serves H/KV query heads) ─ proj
+                 └─ v (KV heads) ──────────────────┘
+    """
+
+    def __init__(self, emb_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
+                 proj_bias: bool, dropout: float, qk_norm: bool, qk_norm_eps: float, rotary: Rotary | None,
+                 relative: RelativeBias | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.qkv = nn.Linear(emb_dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(num_heads * head_dim, emb_dim, bias=proj_bias)
+        self.proj.residual_out = True
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm else None
+        self.rotary = rotary
+        self.relative = relative
+        self.dropout = dropout
+        self.layer_idx = -1  # set by the compiler: this node's slot in the KV cache
+
+    def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before RoPE
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, ctx.pos)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_idx, k, v, ctx.pos)  # (B, KV, pos+T, hd)
+        Tk = k.shape[2]
+        mask, causal = None, Tk > 1 and T > 1
+        if self.relative is not None:
+            mask = self.relative(ctx.pos, T, Tk).to(q.dtype)  # (H, T, Tk)
+            mask = mask.masked_fill(~_causal(ctx.pos, T, Tk, q.device), float("-inf"))
+            causal = False
+        elif causal and Tk != T:
+            mask, causal = _causal(ctx.pos, T, Tk, q.device), False  # cached prefill after earlier tokens
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=KV != H)  # (B, H, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+def _causal(pos: int, Tq: int, Tk: int, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(pos, pos + Tq, device=device)
+    return torch.arange(Tk, device=device)[None, :] <= q_pos[:, None]  # (Tq, Tk) True = may attend
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swiglu": F.silu,  # SwiGLU = the gated form with SiLU
+    "leaky": F.leaky_relu,
+    "mish": F.mish,
+}
+
+
+class FeedForward(nn.Module):
+    """Standard: out(act(in(x))). Gated: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, emb_dim: int, hidden_dim: int, act: str, gated: bool, bias: bool):
+        super().__init__()
+        self.act_name, self.act, self.gated = act, ACTIVATIONS[act], gated
+        if gated:
+            self.gate = nn.Linear(emb_dim, hidden_dim, bias=bias)
+            self.up = nn.Linear(emb_dim, hidden_dim, bias=bias)
+            self.down = nn.Linear(hidden_dim, emb_dim, bias=bias)
+            self.down.residual_out = True
+        else:
+            self.fc = nn.Linear(emb_dim, hidden_dim, bias=bias)
+            self.out = nn.Linear(hidden_dim, emb_dim, bias=bias)
+            self.out.residual_out = True
+
+    def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        if self.gated:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.out(self.act(self.fc(x)))
+
+    def extra_repr(self) -> str:
+        return f"act={self.act_name}, gated={self.gated}"
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class Residual(nn.Module):
+    """h = h + skip; the enclosing chain supplies ``skip`` (a tapped input or output of an earlier node)."""
+
+    def __init__(self, index: int, which: str):
+        super().__init__()
+        self.index, self.which = index, which
+
+    def extra_repr(self) -> str:
+        return f"source={self.index}:{self.which}"
+
+
+class Chain(nn.Module):
+    """A scope: nodes applied in order, with residual taps on inputs/outputs of earlier nodes.
+
+    ::
+
+        h ─┬─ node i ──── ... ── residual(i:in) ──> h + h_i_in
+           └──────── tap ─────────────┘
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        sources = {(m.index, m.which) for m in layers if isinstance(m, Residual)}
+        self.tap_in = frozenset(i for i, w in sources if w == "in")
+        self.tap_out = frozenset(i for i, w in sources if w == "out")
+
+    def forward(self, h: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        taps: dict[tuple[int, str], torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in self.tap_in:
+                taps[(i, "in")] = h
+            if isinstance(layer, Residual):
+                h = h + taps[(layer.index, layer.which)]
+            else:
+                h = layer(h, ctx)
+            if i in self.tap_out:
+                taps[(i, "out")] = h
+        return h
+
+
+class Repeat(nn.Module):
+    """``numOfBlocks`` independent copies of a chain (own weights), applied in sequence."""
+
+    def __init__(self, blocks: list[Chain]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, h: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        for block in self.blocks:
+            h = block(h, ctx)
+        return h
+
+
+class BuildContext:
+    """What builders share: rotary tables, keyed by their settings, and the count of attention nodes."""
+
+    def __init__(self) -> None:
+        self.rotaries: dict[tuple, Rotary] = {}
+        self.attention_count = 0
+
+    def rotary(self, head_dim: int, ctx_length: int, base: float, scaling: dict | None) -> Rotary:
+        key = (head_dim, ctx_length, base, tuple(sorted(scaling.items())) if scaling else None)
+        if key not in self.rotaries:
+            self.rotaries[key] = Rotary(head_dim, ctx_length, base, scaling)
+        return self.rotaries[key]
+
+
+def build_token_embedding(a: dict, b: BuildContext) -> nn.Module:
+    return TokenEmbedding(a["vocab_size"], a["emb_dim"])
+
+
+def build_positional(a: dict, b: BuildContext) -> nn.Module:
+    if a["mode"] == "learned":
+        return LearnedPositional(a["ctx_length"], a["emb_dim"])
+    if a["mode"] == "sinusoidal":
+        return SinusoidalPositional(a["ctx_length"], a["emb_dim"])
+    return Marker(a["mode"])
+
+
+def build_norm(a: dict, b: BuildContext) -> nn.Module:
+    if a["norm_type"] == "rmsnorm":
+        return RMSNorm(a["dim"], a["eps"])
+    return LayerNorm(a["dim"], a["eps"], a["bias"])
+
+
+def build_attention(a: dict, b: BuildContext) -> nn.Module:
+    rotary = b.rotary(a["head_dim"], a["ctx_length"], a["rope_base"], a["rope_scaling"]) if a["rope"] else None
+    relative = RelativeBias(a["num_heads"], a["ctx_length"]) if a["relative"] else None
+    attn = Attention(a["emb_dim"], a["num_heads"], a["num_kv_heads"], a["head_dim"], qkv_bias=a["qkv_bias"],
+                     proj_bias=a["proj_bias"], dropout=a["dropout"], qk_norm=a["qk_norm"],
+                     qk_norm_eps=a["qk_norm_eps"], rotary=rotary, relative=relative)
+    attn.layer_idx = b.attention_count
+    b.attention_count += 1
+    return attn
+
+
+def build_feed_forward(a: dict, b: BuildContext) -> nn.Module:
+    return FeedForward(a["emb_dim"], a["hidden_dim"], a["act"], a["gated"], a["bias"])
+
+
+def build_linear(a: dict, b: BuildContext) -> nn.Module:
+    return Linear(a["in_dim"], a["out_dim"], bias=a["bias"])
+
+
+def build_dropout(a: dict, b: BuildContext) -> nn.Module:
+    return Dropout(a["rate"])
+
+
+def build_residual(a: dict, b: BuildContext) -> nn.Module:
+    return Residual(a["index"], a["which"])
+
+
+# transformerBlock is built by the compiler (it recurses into its children); every other type is here.
+BUILDERS: dict[str, Callable[[dict, BuildContext], nn.Module]] = {
+    "tokenEmbedding": build_token_embedding,
+    "positionalEmbedding": build_positional,
+    "normalization": build_norm,
+    "mhAttention": build_attention,
+    "gqAttention": build_attention,
+    "feedForward": build_feed_forward,
+    "linear": build_linear,
+    "dropout": build_dropout,
+    "residual": build_residual,
+}
