@@ -1,0 +1,166 @@
+"""Stop flags, run status and the trainer's process, kept in the run directory (DESIGN.md §4).
+
+A stop is cooperative by default: ``request_stop`` leaves a flag that the trainer checks every step; it then
+checkpoints and ends its event log with ``stopped``. ``force=True`` also kills the training process
+(SIGTERM, then SIGKILL after a grace period) and, because a killed process writes nothing more, appends
+``stop_forced`` and ``stopped`` to the event log itself, so every log ends with a terminal event.
+
+:class:`FileControl` works on one machine with nothing but files. The service can put a Redis-backed class
+with the same methods behind :func:`get_control`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from slmb.core import events as ev
+from slmb.core.store import StoreError, read_json, run_dir, write_json
+
+State = Literal["queued", "running", "stopped", "finished", "error"]
+DONE_STATES = ("stopped", "finished", "error")
+
+
+class Control(Protocol):
+    def request_stop(self, task_id: str, force: bool = False) -> dict[str, Any]: ...
+
+    def stop_requested(self, task_id: str) -> bool: ...
+
+    def clear_stop(self, task_id: str) -> None: ...
+
+    def write_status(self, task_id: str, state: State, **info: Any) -> None: ...
+
+    def read_status(self, task_id: str) -> dict[str, Any] | None: ...
+
+    def register_process(self, task_id: str, pid: int | None = None) -> None: ...
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (Linux), to tell a live trainer from a recycled pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _alive(pid: int, start_time: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return True  # no /proc (macOS): the pid answering is all we can know
+    if fields[0] == "Z":  # a zombie has exited; only its parent has not reaped it yet
+        return False
+    return start_time is None or fields[19] == start_time
+
+
+class FileControl:
+    """Stop flags, status and pid as files in ``runs/<task_id>/``."""
+
+    def __init__(self, grace_s: float = 5.0):
+        self.grace_s = grace_s
+        self._flags: dict[str, Path] = {}
+
+    def _flag(self, task_id: str) -> Path:
+        # Cached: the trainer asks every step, so the check is one stat() call.
+        if task_id not in self._flags:
+            self._flags[task_id] = run_dir(task_id).path / "stop"
+        return self._flags[task_id]
+
+    def stop_requested(self, task_id: str) -> bool:
+        return os.path.exists(self._flag(task_id))
+
+    def clear_stop(self, task_id: str) -> None:
+        self._flag(task_id).unlink(missing_ok=True)
+
+    def write_status(self, task_id: str, state: State, **info: Any) -> None:
+        run = run_dir(task_id)
+        run.path.mkdir(parents=True, exist_ok=True)
+        status = {**(self.read_status(task_id) or {}), **info, "task_id": task_id, "state": state,
+                  "updated": time.time()}
+        write_json(run.status, status)
+
+    def read_status(self, task_id: str) -> dict[str, Any] | None:
+        try:
+            return read_json(run_dir(task_id).status)
+        except FileNotFoundError:
+            return None
+
+    def register_process(self, task_id: str, pid: int | None = None) -> None:
+        pid = os.getpid() if pid is None else pid
+        write_json(run_dir(task_id).pid, {"pid": pid, "start_time": _start_time(pid), "host": socket.gethostname()})
+
+    def request_stop(self, task_id: str, force: bool = False) -> dict[str, Any]:
+        """Ask a run to stop; with ``force``, kill its process. Returns ``{task_id, mode, state, message}``."""
+        run = run_dir(task_id)
+        if not run.exists():
+            raise StoreError(f"no run {task_id!r} in {run.path.parent}")
+        mode = "force_kill" if force else "cooperative_stop"
+        state = (self.read_status(task_id) or {}).get("state", "queued")
+        if state in DONE_STATES:
+            return {"task_id": task_id, "mode": mode, "state": state, "message": f"the run has already {state}"}
+        write_json(self._flag(task_id), {"force": force, "ts": time.time()})
+        if not force:
+            return {"task_id": task_id, "mode": mode, "state": state,
+                    "message": "stop requested; the trainer checkpoints and stops at its next step"}
+        try:
+            proc = read_json(run.pid)
+        except FileNotFoundError:
+            return {"task_id": task_id, "mode": mode, "state": state,
+                    "message": "no training process has started; it will stop as soon as it starts"}
+        if proc.get("host") != socket.gethostname():
+            raise StoreError(f"run {task_id} trains on host {proc.get('host')!r}; stop it from there")
+        message = self._kill(proc["pid"], proc.get("start_time"))
+        self._close_log(task_id, proc["pid"], message)
+        return {"task_id": task_id, "mode": mode, "state": "stopped", "message": message}
+
+    def _kill(self, pid: int, start_time: str | None) -> str:
+        if not _alive(pid, start_time):
+            return f"the training process {pid} had already exited"
+        for sig, wait_s in ((signal.SIGTERM, self.grace_s), (signal.SIGKILL, 10.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while _alive(pid, start_time) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not _alive(pid, start_time):
+                return f"killed the training process {pid} ({sig.name})"
+        if _alive(pid, start_time):
+            raise StoreError(f"the training process {pid} survived SIGKILL")
+        return f"the training process {pid} exited"
+
+    def _close_log(self, task_id: str, pid: int, message: str) -> None:
+        """A killed trainer wrote no ``stopped``: append it, with the last step and checkpoint it reached."""
+        run = run_dir(task_id)
+        history = ev.read_events(run.events)
+        if any(e.terminal for e in history):
+            return
+        step = next((e.step for e in reversed(history) if isinstance(e, (ev.Step, ev.Progress, ev.Checkpoint))),
+                    None)
+        ckpt = next((e.path for e in reversed(history) if isinstance(e, ev.Checkpoint) and Path(e.path).exists()),
+                    None)
+        sink = ev.JsonlSink(run.events)
+        try:
+            sink.emit(ev.StopForced(task_id=task_id, pid=pid, message=message))
+            sink.emit(ev.Status(task_id=task_id, state="stopped", message=message))
+            sink.emit(ev.Stopped(task_id=task_id, step=step, checkpoint=ckpt, reason="force"))
+        finally:
+            sink.close()
+        self.write_status(task_id, "stopped", step=step, checkpoint=ckpt)
+
+
+def get_control() -> Control:
+    """The control backend in use: files in the run directory."""
+    return FileControl()

@@ -1,0 +1,304 @@
+"""MLflow tracking as an event sink (DESIGN.md §4).
+
+The default store is ``sqlite:///$SLMB_HOME/mlflow.db`` with artifacts beside it, so nothing needs a
+server and ``mlflow ui --backend-store-uri sqlite:///...`` shows the runs; ``MLFLOW_TRACKING_URI`` points
+elsewhere. MLflow is slow to import and a remote server may be slow or down, so :class:`MlflowSink` does all
+its work on a background thread: training never waits for tracking except to close the run at the end, and
+any tracking failure reaches the :class:`~slmb.core.events.Emitter` as one exception, i.e. one ``warning``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from slmb.core import events as ev
+from slmb.core.spec import Config
+from slmb.core.store import WEIGHTS, slmb_home
+
+# A tracking server that is down must cost seconds, not MLflow's default minutes of retries.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+FLUSH_EVERY_S = 5.0
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+_FINAL_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{slmb_home() / 'mlflow.db'}"
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "slmb"
+
+
+def mlflow_ui_base() -> str:
+    """Where the MLflow UI for :func:`tracking_uri` is served: the server itself, or ``mlflow ui``'s default."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return (os.environ.get("SLMB_MLFLOW_UI") or "http://127.0.0.1:5000").rstrip("/")
+
+
+def mlflow_run_url(run_id: str, experiment_id: str) -> str:
+    return f"{mlflow_ui_base()}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, values as MLflow params (strings of bounded length)."""
+    out: dict[str, str] = {}
+    for key, value in obj.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        elif value is not None:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[f"{prefix}{key}"] = text[:MAX_PARAM_LENGTH]
+    return out
+
+
+def request_params(request: Mapping[str, Any]) -> dict[str, str]:
+    """The run's params: the request's config with every default filled in, plus dataset and model name."""
+    config = Config.model_validate(request.get("config") or {}).model_dump(mode="json", exclude_none=True)
+    extra = {"dataset": request.get("dataset"), "dataset_config": request.get("dataset_config"),
+             "model_name": request.get("modelName") or request.get("model_name")}
+    return {**flatten(config), **flatten(extra)}
+
+
+def client() -> Any:
+    """An ``MlflowClient`` on :func:`tracking_uri`, with short HTTP retries (imports mlflow: seconds)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    # MLflow and its database migrations log at INFO to the terminal the trainer is drawing on.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _experiment_id(mlflow_client: Any) -> str:
+    name = experiment_name()
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    # The default sqlite store keeps artifacts under SLMB_HOME, not in ./mlruns of whatever the cwd is.
+    location = None if "MLFLOW_TRACKING_URI" in os.environ else (slmb_home() / "mlartifacts").as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it first
+        found = mlflow_client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def start_run(task_id: str, request: Mapping[str, Any], mlflow_client: Any = None) -> tuple[str, str]:
+    """The MLflow run of ``task_id`` as ``(experiment_id, run_id)``: created with its params and tags, or
+    found again by its ``task_id`` tag when a stopped run is resumed."""
+    mlflow_client = mlflow_client or client()
+    experiment_id = _experiment_id(mlflow_client)
+    found = mlflow_client.search_runs([experiment_id], filter_string=f"tags.task_id = '{task_id}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        logged = found[0].data.params
+    else:
+        model_name = str(request.get("modelName") or request.get("model_name") or "")
+        tags = {"task_id": task_id, "model_name": model_name, "training_status": "queued"}
+        run_id = mlflow_client.create_run(experiment_id, tags=tags, run_name=model_name or None).info.run_id
+        logged = {}
+    from mlflow.entities import Param
+
+    # MLflow refuses to change a logged param, so a resumed run only adds the params it did not have.
+    params = [Param(k, v) for k, v in request_params(request).items() if k not in logged]
+    for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        mlflow_client.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+    return experiment_id, run_id
+
+
+_CLOSE = object()
+
+
+class MlflowSink:
+    """Logs a training run to MLflow from a background thread.
+
+    Metrics: ``train/step_loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_sec`` (step events),
+    ``train/step_loss_ema`` (progress), ``train/epoch_loss`` (epoch), ``eval/train_loss`` and
+    ``eval/val_loss`` (eval), batched every few seconds. On the terminal event it logs the request
+    structure, the loss curve and (when finished) the weights, sets the ``training_status`` tag and ends the
+    run; the trainer waits for that, so the run is complete when training returns.
+    """
+
+    def __init__(self, task_id: str, request: Mapping[str, Any], *, run_id: str | None = None,
+                 flush_every_s: float = FLUSH_EVERY_S, close_timeout_s: float = 120.0):
+        self.task_id, self.request = task_id, dict(request)
+        self.run_id, self.experiment_id = run_id, None
+        self.flush_every_s, self.close_timeout_s = flush_every_s, close_timeout_s
+        self._queue: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._raised = False
+        self._metrics: list[Any] = []
+        self._curve: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
+        self._thread = threading.Thread(target=self._work, name=f"mlflow-{task_id}", daemon=True)
+        self._thread.start()
+
+    # Main thread ------------------------------------------------------------------------------------------
+
+    def emit(self, event: ev.Event) -> None:
+        self._raise_error()
+        self._queue.put(event)
+        if event.terminal:
+            self._wait_drained()
+            self._raise_error()
+
+    def close(self) -> None:
+        self._queue.put(_CLOSE)
+        self._thread.join(self.close_timeout_s)
+        self._raise_error()
+
+    def describe(self) -> dict[str, Any]:
+        """The run's ids and UI link, for the completed model's metadata (empty if tracking failed)."""
+        self._ready.wait(self.close_timeout_s)
+        if self.run_id is None or self.experiment_id is None:
+            return {}
+        return {"mlflow_run_id": self.run_id, "mlflow_experiment_id": self.experiment_id,
+                "mlflow_url": mlflow_run_url(self.run_id, self.experiment_id), "mlflow_tracking_uri": tracking_uri()}
+
+    def _raise_error(self) -> None:
+        if self._error is not None and not self._raised:
+            self._raised = True
+            self._queue.put(_CLOSE)  # the Emitter switches this sink off now; let the thread end
+            raise TrackingError(f"MLflow tracking at {tracking_uri()} failed: {self._error}") from self._error
+
+    def _wait_drained(self) -> None:
+        drained = threading.Event()
+        self._queue.put(drained)
+        deadline = time.monotonic() + self.close_timeout_s
+        while not drained.wait(0.1):
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                break
+
+    # Background thread ------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            self._client = client()
+            if self.run_id is None:
+                self.experiment_id, self.run_id = start_run(self.task_id, self.request, self._client)
+            else:
+                self.experiment_id = self._client.get_run(self.run_id).info.experiment_id
+        except Exception as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+        last_flush = time.monotonic()
+        while True:
+            try:
+                item = self._queue.get(timeout=self.flush_every_s)
+            except queue.Empty:
+                item = None
+            if item is _CLOSE:
+                break
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            if self._error is not None:
+                continue
+            try:
+                if item is not None:
+                    self._handle(item)
+                if self._metrics and (time.monotonic() - last_flush > self.flush_every_s
+                                      or len(self._metrics) >= MAX_METRICS_PER_BATCH):
+                    self._flush()
+                    last_flush = time.monotonic()
+            except Exception as exc:
+                self._error = exc
+        if self._error is None and self._metrics:
+            try:
+                self._flush()
+            except Exception as exc:
+                self._error = exc
+
+    def _metric(self, key: str, value: float | None, event: ev.Event, step: int) -> None:
+        if value is not None:
+            from mlflow.entities import Metric
+
+            self._metrics.append(Metric(key, float(value), int(event.ts * 1000), step))
+
+    def _flush(self) -> None:
+        metrics, self._metrics = self._metrics, []
+        for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+
+    def _handle(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Step):
+            self._metric("train/step_loss", event.loss, event, event.step)
+            self._metric("train/lr", event.lr, event, event.step)
+            self._metric("train/grad_norm", event.grad_norm, event, event.step)
+            self._metric("train/tokens_per_sec", event.tokens_per_sec, event, event.step)
+            self._curve["train"].append((event.step, event.loss))
+        elif isinstance(event, ev.Progress):
+            self._metric("train/step_loss_ema", event.loss_ema, event, event.step)
+        elif isinstance(event, ev.Epoch):
+            self._metric("train/epoch_loss", event.epoch_loss, event, event.step)
+        elif isinstance(event, ev.Eval):
+            self._metric("eval/train_loss", event.train_loss, event, event.step)
+            self._metric("eval/val_loss", event.val_loss, event, event.step)
+            if event.val_loss is not None:
+                self._curve["val"].append((event.step, event.val_loss))
+        elif isinstance(event, ev.Status):
+            self._client.set_tag(self.run_id, "training_status", event.state)
+        elif event.terminal:
+            self._finish(event)
+
+    def _finish(self, event: ev.Event) -> None:
+        self._flush()
+        state = event.name
+        with tempfile.TemporaryDirectory(prefix="slmb-mlflow-") as tmp:
+            structure = Path(tmp) / "structure.json"
+            structure.write_text(json.dumps(self.request, indent=2))
+            self._client.log_artifact(self.run_id, str(structure))
+            if self._curve["train"] or self._curve["val"]:
+                curve = Path(tmp) / "loss_curve.png"
+                plot_loss_curve(self._curve, curve)
+                self._client.log_artifact(self.run_id, str(curve))
+        if isinstance(event, ev.Finished) and (Path(event.path) / WEIGHTS).is_file():
+            self._client.log_artifact(self.run_id, str(Path(event.path) / WEIGHTS))
+        self._client.set_tag(self.run_id, "training_status", state)
+        self._client.set_terminated(self.run_id, _FINAL_STATUS[state])
+
+
+def plot_loss_curve(curve: Mapping[str, list[tuple[int, float]]], path: Path) -> None:
+    """Training and validation loss against step, as a PNG (matplotlib's Agg canvas: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, points in curve.items():
+        if points:
+            steps, losses = zip(*points, strict=True)
+            ax.plot(steps, losses, label=f"{label} loss", marker="o" if label == "val" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
