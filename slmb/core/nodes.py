@@ -113,7 +113,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (self.weight * xf).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, base: float, scaling: dict | None) -> torch.Tensor:
