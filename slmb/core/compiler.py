@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slmb.core import nodes as N
+from slmb.core.model import SLM
 from slmb.core.spec import GQAttentionData, TrainRequest
 
 
@@ -160,37 +161,13 @@ _RESOLVERS = {"tokenEmbedding": _tok, "positionalEmbedding": _pos, "normalizatio
               "residual": _residual}
 
 
-class SLM(nn.Module):
-    """The compiled model: ``forward(ids, cache=None) -> logits`` over the top-level chain."""
-
-    def __init__(self, chain: N.Chain, plan: Plan, num_attention: int):
-        super().__init__()
-        self.chain = chain
-        self.vocab_size = plan.vocab_size
-        self.context_length = plan.context_length
-        self.num_attention = num_attention
-        self.attention_shapes = [(m.num_kv_heads, m.head_dim) for m in self.modules() if isinstance(m, N.Attention)]
-
-    def forward(self, ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        """ids (B, T) int64 -> logits (B, T, V). With a cache, ids continue the cached sequence."""
-        pos = cache.pos if cache is not None else 0
-        logits = self.chain(ids, N.Ctx(pos=pos, cache=cache))
-        if cache is not None:
-            cache.pos = pos + ids.shape[1]
-        return logits
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameters counted once even when tied."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-
 def build_model(request_or_plan: TrainRequest | Plan, device: torch.device | str | None = None) -> SLM:
     """Build the module for a validated request. ``device="meta"`` builds shapes only, allocating nothing."""
     p = request_or_plan if isinstance(request_or_plan, Plan) else plan(request_or_plan)
     bctx = N.BuildContext()
     with torch.device(device or "cpu"):
         chain = _build_chain(p.nodes, bctx)
-        model = SLM(chain, p, bctx.attention_count)
+        model = SLM(chain, p.vocab_size, p.context_length)
         _tie_weights(model, p)
         if str(device) != "meta":
             init_weights(model, p.count("residual"))
