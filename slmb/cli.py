@@ -112,5 +112,54 @@ def schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
+@app.command()
+def generate(model: str = typer.Argument(..., help="name of a completed model (see `slmb list`)"),
+             prompt: str = typer.Argument("", help="text to continue"),
+             max_length: int = typer.Option(200, "--max-length", "-n", help="new tokens at most"),
+             temperature: float = typer.Option(0.8, help="0 = greedy"),
+             top_k: int = typer.Option(40, "--top-k", help="0 = off"),
+             top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling; 1 = off"),
+             repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+             seed: int | None = typer.Option(None, help="same seed, same text"),
+             stop: list[str] = typer.Option([], "--stop", help="stop before this text (repeatable)"),
+             stream: bool = typer.Option(True, "--stream/--no-stream", help="print text as it comes"),
+             device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
+             as_json: bool = typer.Option(False, "--json", help="print one JSON object with the result")) -> None:
+    """Generate text with a completed model; prints the prompt and its continuation."""
+    from slmb.core.generate import Generation, SamplingParams, load_generator
+    from slmb.core.store import StoreError
+
+    try:
+        params = SamplingParams(max_new_tokens=max_length, temperature=temperature, top_k=top_k,
+                                top_p=top_p if top_p < 1.0 else None, repetition_penalty=repetition_penalty,
+                                seed=seed, stop=stop)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    try:
+        gen, _ = load_generator(model, device)
+    except (StoreError, FileNotFoundError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    result = Generation(prompt, "")
+    if as_json or not stream:
+        for _ in gen.stream(prompt, params, result):
+            pass
+    else:
+        sys.stdout.write(prompt)
+        for delta in gen.stream(prompt, params, result):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    if as_json:
+        typer.echo(json.dumps({"model_name": model, "input_text": prompt, "output_text": result.output_text,
+                               "generated_text": result.text, "new_tokens": len(result.token_ids),
+                               "prompt_tokens": result.prompt_tokens, "finish_reason": result.finish_reason,
+                               "tokens_per_sec": round(result.tokens_per_sec, 2)}, ensure_ascii=False))
+    elif not stream:
+        typer.echo(result.output_text)
+    else:
+        typer.echo()
+        typer.echo(f"[{len(result.token_ids)} tokens, {result.tokens_per_sec:.1f} tokens/s, "
+                   f"{result.finish_reason}]", err=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -161,16 +161,27 @@ _RESOLVERS = {"tokenEmbedding": _tok, "positionalEmbedding": _pos, "normalizatio
               "residual": _residual}
 
 
-def build_model(request_or_plan: TrainRequest | Plan, device: torch.device | str | None = None) -> SLM:
-    """Build the module for a validated request. ``device="meta"`` builds shapes only, allocating nothing."""
+def build_model(request_or_plan: TrainRequest | Plan, device: torch.device | str | None = None,
+                init: bool = True) -> SLM:
+    """Build the module for a validated request. ``device="meta"`` builds shapes only, allocating nothing;
+    ``init=False`` leaves the weights uninitialised for a caller that loads them."""
     p = request_or_plan if isinstance(request_or_plan, Plan) else plan(request_or_plan)
+    device = torch.device(device or "cpu")
     bctx = N.BuildContext()
-    with torch.device(device or "cpu"):
+    with torch.device(device if init else "meta"):
         chain = _build_chain(p.nodes, bctx)
         model = SLM(chain, p.vocab_size, p.context_length)
         _tie_weights(model, p)
-        if str(device) != "meta":
-            init_weights(model, p.count("residual"))
+    if device.type == "meta":
+        return model
+    if init:
+        init_weights(model, p.count("residual"))
+        return model
+    model.to_empty(device=device)  # storage without the cost of a random init
+    _tie_weights(model, p)  # to_empty gives each name its own new tensor
+    for m in model.modules():
+        if hasattr(m, "reset_buffers"):
+            m.reset_buffers()
     return model
 
 

@@ -53,7 +53,13 @@ class SinusoidalPositional(nn.Module):
     def __init__(self, ctx_length: int, emb_dim: int):
         super().__init__()
         self.ctx_length, self.emb_dim = ctx_length, emb_dim
-        self.register_buffer("table", self._table(), persistent=False)
+        self.register_buffer("table", torch.empty(ctx_length, emb_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the table in place: after ``to_empty`` a loaded model's buffers hold garbage."""
+        with torch.device(self.table.device):
+            self.table.copy_(self._table())
 
     def _table(self) -> torch.Tensor:
         pos = torch.arange(self.ctx_length, dtype=torch.float32)[:, None]
@@ -138,11 +144,18 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, ctx_length: int, base: float, scaling: dict | None):
         super().__init__()
-        self.head_dim, self.ctx_length = head_dim, ctx_length
-        freqs = torch.outer(torch.arange(ctx_length, dtype=torch.float32), rope_inv_freq(head_dim, base, scaling))
-        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.head_dim, self.ctx_length, self.base, self.scaling = head_dim, ctx_length, base, scaling
+        self.register_buffer("cos", torch.empty(ctx_length, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(ctx_length, head_dim), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        with torch.device(self.cos.device):
+            inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling)
+            freqs = torch.outer(torch.arange(self.ctx_length, dtype=torch.float32), inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (T, hd)
+            self.cos.copy_(emb.cos())
+            self.sin.copy_(emb.sin())
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         T = q.shape[-2]

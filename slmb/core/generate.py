@@ -1,0 +1,226 @@
+"""Text generation (DESIGN.md §6): KV-cache decoding, sampling controls and UTF-8-safe streaming.
+
+Every new token is conditioned on at most the model's last ``context_length`` tokens, exactly as an
+uncached sliding window would do. Inside the window the KV cache makes a step cost one token's work;
+once the window is full, positions shift at every step, so each step re-encodes the window (learned and
+rotary positions are absolute, so cached keys cannot be reused after a shift).
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from slmb.core.compiler import build_model
+from slmb.core.model import SLM, KVCache
+from slmb.core.spec import TrainRequest
+from slmb.core.tokenizers import Tokenizer, load_tokenizer
+
+
+class SamplingParams(BaseModel):
+    """Sampling controls; the HTTP body and the CLI flags use the same names."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(default=50, ge=0, le=100_000)
+    temperature: float = Field(default=0.7, ge=0.0, le=100.0)  # 0 = greedy
+    top_k: int | None = Field(default=40, ge=0)  # 0 or None = off
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)  # None or 1 = off
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_at_eos: bool = True
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the generated continuation only
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: str = "length"  # length | eos | stop
+    seconds: float = 0.0
+
+    @property
+    def output_text(self) -> str:
+        return self.prompt + self.text
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
+
+
+def load_model(request: dict[str, Any], state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+               ) -> SLM:
+    """Build the model a request describes and load its weights (no random init: every weight is loaded)."""
+    model = build_model(TrainRequest.model_validate(request), device=device, init=False)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+class Generator:
+    """Samples from a model. ``stream`` yields text deltas; ``generate`` returns the whole result."""
+
+    def __init__(self, model: SLM, tokenizer: Tokenizer, use_cache: bool = True):
+        self.model, self.tok, self.use_cache = model.eval(), tokenizer, use_cache
+        self.device = next(model.parameters()).device
+        # Logits past the tokenizer's vocabulary (a padded head) name no token: never sample them.
+        self.valid_vocab = min(tokenizer.vocab_size, model.vocab_size)
+
+    def generate(self, prompt: str, params: SamplingParams | None = None) -> Generation:
+        result = Generation(prompt, "")
+        for _ in self._run(prompt, params or SamplingParams(), result):
+            pass
+        return result
+
+    def stream(self, prompt: str, params: SamplingParams | None = None, result: Generation | None = None
+               ) -> Iterator[str]:
+        """Text deltas as they are decided; never splits a UTF-8 character or emits part of a stop string."""
+        yield from self._run(prompt, params or SamplingParams(), result or Generation(prompt, ""))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        ids = self.tok.encode(prompt)
+        if not ids:  # an empty prompt starts from the document boundary the model saw in training
+            start = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+            ids = [start if start is not None else 0]
+        return ids
+
+    @torch.inference_mode()
+    def _run(self, prompt: str, p: SamplingParams, result: Generation) -> Iterator[str]:
+        t0 = time.perf_counter()
+        ids = self.prompt_ids(prompt)
+        result.prompt_tokens = len(ids)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(p.seed if p.seed is not None else torch.seed())
+        text = _TextStream(p.stop)
+        stepper = _Stepper(self.model, ids, p.max_new_tokens, self.use_cache)
+        seen = torch.zeros(self.model.vocab_size, dtype=torch.bool, device=self.device)
+        seen[torch.tensor(ids, device=self.device)] = True
+        for _ in range(p.max_new_tokens):
+            logits = stepper.logits()
+            token = self._sample(logits, seen, p, gen)
+            if p.stop_at_eos and token == self.tok.eos_id:
+                result.finish_reason = "eos"
+                break
+            result.token_ids.append(token)
+            seen[token] = True
+            stepper.push(token)
+            delta, stopped = text.feed(self.tok.token_bytes(token))
+            result.text = text.emitted
+            if delta:
+                yield delta
+            if stopped:
+                result.finish_reason = "stop"
+                break
+        else:
+            result.finish_reason = "length"
+        tail = text.flush() if result.finish_reason != "stop" else ""
+        result.text = text.emitted
+        result.seconds = time.perf_counter() - t0
+        if tail:
+            yield tail
+
+    def _sample(self, logits: torch.Tensor, seen: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+        logits = logits.float()
+        logits[self.valid_vocab:] = float("-inf")
+        if p.repetition_penalty != 1.0:  # CTRL-style, as Hugging Face applies it
+            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
+        if p.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, self.valid_vocab)).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p is not None and p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.scatter(0, order[drop], float("-inf"))
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class _Stepper:
+    """Feeds tokens to the model and returns next-token logits, with a KV cache inside the window."""
+
+    def __init__(self, model: SLM, ids: list[int], max_new: int, use_cache: bool):
+        self.model, self.ctx = model, model.context_length
+        self.device = next(model.parameters()).device
+        self.ids = list(ids)
+        self.pending = self.ids[-self.ctx:]  # tokens not yet seen by the model
+        self.cache = None
+        if use_cache:
+            param = next(model.parameters())
+            self.cache = KVCache(model, 1, min(self.ctx, len(self.pending) + max_new), dtype=param.dtype)
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        self.pending.append(token)
+
+    def logits(self) -> torch.Tensor:
+        if self.cache is None:
+            window = self.ids[-self.ctx:]
+            return self.model(torch.tensor([window], device=self.device))[0, -1]
+        if self.cache.pos + len(self.pending) > self.cache.max_len:
+            # The window is full: re-encode the last ctx tokens from position 0.
+            self.cache.reset()
+            self.pending = self.ids[-self.ctx:]
+        x = torch.tensor([self.pending], device=self.device)
+        self.pending = []
+        return self.model(x, self.cache)[0, -1]
+
+
+class _TextStream:
+    """Turns token bytes into text deltas: whole UTF-8 characters only, holding back text that may begin a
+    stop string until it is clear it does not."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # decoded so far
+        self.emitted = ""  # handed out so far (text minus the held-back tail)
+
+    def feed(self, data: bytes) -> tuple[str, bool]:
+        self.text += self.decoder.decode(data)
+        for stop in self.stops:
+            cut = self.text.find(stop)
+            if cut != -1:
+                self.text = self.text[:cut]
+                return self._emit(len(self.text)), True
+        return self._emit(len(self.text) - self._held()), False
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+    def _emit(self, upto: int) -> str:
+        delta = self.text[len(self.emitted):upto] if upto > len(self.emitted) else ""
+        self.emitted += delta
+        return delta
+
+    def flush(self) -> str:
+        self.text += self.decoder.decode(b"", final=True)
+        return self._emit(len(self.text))
+
+
+def load_generator(name: str, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
+    """A generator for a completed model in the store, and the model's metadata."""
+    from slmb.core.store import load_completed
+
+    request, state_dict, metadata = load_completed(name)
+    model = load_model(request, state_dict, device)
+    tok_name = metadata.get("tokenizer") or TrainRequest.model_validate(request).config.tokenizer_name
+    return Generator(model, load_tokenizer(tok_name)), metadata
