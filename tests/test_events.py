@@ -118,7 +118,6 @@ def test_follow_events_tails_another_process_until_the_terminal_event(tmp_path):
         "for i in range(5):\n"
         "    sink.emit(ev.Step(task_id='t', step=i, total_steps=5, epoch=0, loss=1.0, lr=0.1)); time.sleep(0.05)\n"
         "sink.emit(ev.Stopped(task_id='t', step=4))\n"
-        "sink.emit(ev.Warning(task_id='t', message='after the end'))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", writer, str(path)])
     try:
@@ -126,6 +125,18 @@ def test_follow_events_tails_another_process_until_the_terminal_event(tmp_path):
     finally:
         proc.wait(30)
     assert names == ["step"] * 5 + ["stopped"]
+
+
+def test_follow_events_reads_past_a_stop_that_was_resumed(tmp_path):
+    path = tmp_path / "events.jsonl"
+    sink = ev.JsonlSink(path)
+    for event in (ev.Status(task_id="t", state="running"), ev.Stopped(task_id="t", step=3),
+                  ev.Status(task_id="t", state="running"),
+                  ev.Finished(task_id="t", model_name="m", step=9, path="/m", elapsed_s=1.0)):
+        sink.emit(event)
+    sink.close()
+    names = [e.name for e in ev.follow_events(path, poll_s=0.02, timeout_s=5)]
+    assert names == ["status", "stopped", "status", "finished"]
 
 
 def test_follow_events_gives_up_after_timeout(tmp_path):

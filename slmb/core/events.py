@@ -65,6 +65,10 @@ class Started(Event):
     tokenizer: str
     dataset: str
     resumed_from_step: int = 0
+    grad_accum_steps: int = 1
+    train_tokens: int | None = None
+    val_tokens: int | None = None
+    token_cache_hit: bool | None = None  # the dataset's tokens came from the cache, not a fresh tokenization
 
 
 class Step(Event):
@@ -288,12 +292,13 @@ def follow_events(path: str | os.PathLike[str], *, poll_s: float = 0.2, timeout_
                   until_terminal: bool = True) -> Iterator[Event]:
     """Yield events from a JSONL log as they are appended, like ``tail -f``.
 
-    Stops after a terminal event (``finished``, ``stopped``, ``error``) when ``until_terminal``, or when
-    ``timeout_s`` passes without the log ending. The file may not exist yet (the run is starting).
+    Stops when ``until_terminal`` and the log so far ends with a terminal event (``finished``, ``stopped``,
+    ``error``), or when ``timeout_s`` passes. A terminal event followed by more events is not the end: a
+    stopped run that was resumed appends to the same log. The file may not exist yet (the run is starting).
     """
     path = Path(path)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    offset, partial = 0, b""
+    offset, partial, last = 0, b"", None
     while True:
         try:
             with open(path, "rb") as f:
@@ -305,10 +310,10 @@ def follow_events(path: str | os.PathLike[str], *, poll_s: float = 0.2, timeout_
         *lines, partial = (partial + chunk).split(b"\n")
         for line in lines:
             if line.strip():
-                event = parse_event(json.loads(line))
-                yield event
-                if until_terminal and event.terminal:
-                    return
+                last = parse_event(json.loads(line))
+                yield last
+        if until_terminal and last is not None and last.terminal and not partial:
+            return
         if deadline is not None and time.monotonic() > deadline:
             return
         if not chunk:

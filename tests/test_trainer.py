@@ -1,0 +1,224 @@
+import json
+import math
+
+import pytest
+import torch
+from toy import toy_request
+
+from slmb.core import events as ev
+from slmb.core import store
+from slmb.core.compiler import build_model
+from slmb.core.control import FileControl
+from slmb.core.spec import TrainRequest
+from slmb.core.trainer import cpu_has_native_bf16, get_lr, train
+from slmb.core.validate import RequestInvalidError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    # Toy models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that wait on
+    # each other make steps 50x slower. OMP_NUM_THREADS set tells the trainer to leave the count alone.
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(body, **kwargs):
+    """Train with every step reported; returns (result, events)."""
+    got = []
+    kwargs.setdefault("track", False)
+    result = train(body, sinks=[ev.CallbackSink(got.append), *kwargs.pop("sinks", [])], step_every_s=0, **kwargs)
+    return result, got
+
+
+def losses(events):
+    return {e.step: e.loss for e in events if e.name == "step"}
+
+
+def test_lr_schedule():
+    kw = {"total_steps": 110, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 10}
+    assert get_lr(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert get_lr(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert get_lr(60, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert get_lr(110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert get_lr(60, schedule="linear", **kw) == pytest.approx(0.55)
+    assert get_lr(85, schedule="linear", **kw) == pytest.approx(0.325)
+    assert get_lr(100, schedule="constant", **kw) == 1.0
+
+
+def test_first_loss_is_close_to_ln_vocab():
+    _, events = run(toy_request(max_steps=2))
+    first = losses(events)[1]
+    assert abs(first - math.log(257)) / math.log(257) < 0.1
+
+
+def test_overfits_one_batch(tmp_path):
+    text = (store.Path(__file__).parent.parent.parent / "shared" / "datasets" / "tiny_shakespeare" / "input.txt")
+    data = tmp_path / "one_batch.txt"
+    data.write_text(text.read_text()[:4 * 32 + 1])  # exactly four windows of 32 = one batch of 4
+    body = toy_request(d=64, dataset=str(data), epochs=150, val_fraction=0, learning_rate=1e-2, lr_schedule="constant")
+    result, events = run(body)
+    assert result.state == "finished" and result.step == 150
+    first, last = losses(events)[1], losses(events)[150]
+    assert first > 5.0 and last < 0.5, (first, last)
+    assert result.val_loss is None
+
+
+def test_event_sequence_checkpoints_and_completed_model():
+    body = toy_request(max_steps=6, eval_every=3, checkpoint_every=2)
+    got = []
+    result = train(body, sinks=[ev.CallbackSink(got.append)], track=False)
+    names = [e.name for e in got]
+    assert names[:2] == ["status", "started"] and names[-2:] == ["status", "finished"]
+    assert {"step", "progress", "eval", "checkpoint"} <= set(names)
+    steps = [e.step for e in got if e.name == "step"]
+    assert steps[0] == 1 and steps[-1] == 6  # throttled, but the first and the last are always there
+    assert [e.step for e in got if e.name == "eval"] == [3, 6]
+    assert [e.step for e in got if e.name == "checkpoint"] == [2, 4]
+    started = got[1]
+    assert started.total_steps == 6 and started.tokenizer == "byte" and started.dtype == "fp32"
+    assert started.parameters == build_model(TrainRequest.model_validate(body)).num_parameters()
+    progress = [e for e in got if e.name == "progress"]
+    assert progress[-1].progress == 100.0 and progress[-1].eta_s == 0
+
+    # The run directory holds the same events, the final status and only the latest checkpoint.
+    run_dir = store.run_dir(result.task_id)
+    assert [e.to_wire() for e in ev.read_events(run_dir.events)] == [e.to_wire() for e in got]
+    assert FileControl().read_status(result.task_id)["state"] == "finished"
+    assert [p.name for p in run_dir.checkpoints.iterdir()] == ["step-00000004"]
+    assert json.loads(run_dir.request.read_text()) == body
+
+    [entry] = store.list_models()
+    assert entry.name == "toy" and entry.metadata["task_id"] == result.task_id
+    assert entry.metadata["tokenizer"] == "byte" and entry.metadata["steps"] == 6
+    assert entry.metadata["metrics"]["val_loss"] == pytest.approx(result.val_loss)
+    request, state, _ = store.load_completed("toy")
+    model = build_model(TrainRequest.model_validate(request))
+    model.load_state_dict(state)
+    assert model.chain.layers[-1].weight is model.chain.layers[0].weight  # the tie survives the round trip
+
+
+def test_stop_and_resume_give_the_losses_of_an_uninterrupted_run():
+    body = toy_request(max_steps=12, dropout=0.1, eval_every=4, name="resumable")
+    full, _ = run(body)
+    again, full_events = run(body)  # a second uninterrupted run: the loop is deterministic
+    full_task_id = again.task_id
+    assert full.state == "finished"
+
+    task_id = store.new_task_id()
+
+    def stop_at_5(event):
+        if event.name == "step" and event.step == 5:
+            FileControl().request_stop(task_id)
+
+    stopped, first = run(body, task_id=task_id, sinks=[ev.CallbackSink(stop_at_5)])
+    assert stopped.state == "stopped" and stopped.step == 5
+    assert [e.name for e in first[-4:]] == ["stop_requested", "checkpoint", "status", "stopped"]
+    assert first[-1].checkpoint == stopped.path and stopped.path.endswith("step-00000005")
+    assert FileControl().read_status(task_id)["state"] == "stopped"
+    assert store.get_model("resumable").metadata["task_id"] == full_task_id  # a stopped run publishes nothing
+
+    resumed, second = run(None, task_id=task_id, resume=True)
+    assert resumed.state == "finished" and resumed.step == 12
+    assert second[1].name == "started" and second[1].resumed_from_step == 5
+    assert losses(first) == {k: v for k, v in losses(full_events).items() if k <= 5}
+    assert losses(second) == {k: v for k, v in losses(full_events).items() if k > 5}
+    assert resumed.val_loss == full.val_loss
+    # The run's log holds both sessions; following it reads through the stop to the end.
+    log = [e.name for e in ev.follow_events(store.run_dir(task_id).events, timeout_s=5)]
+    assert log.count("started") == 2 and log[-1] == "finished" and "stopped" in log
+
+
+def test_a_run_stopped_while_queued_stops_before_training():
+    run_ = store.create_run({})
+    FileControl().request_stop(run_.task_id)
+    result, events = run(toy_request(), task_id=run_.task_id)
+    assert result.state == "stopped" and result.step == 0 and result.path is None
+    assert [e.name for e in events] == ["status", "stop_requested", "status", "stopped"]
+
+
+def test_grad_accumulation_matches_a_bigger_batch():
+    _, big = run(toy_request(max_steps=3, batch_size=4))
+    _, accum = run(toy_request(max_steps=3, batch_size=2, grad_accum_steps=2))
+    assert list(losses(accum)) == [1, 2, 3]
+    for step, loss in losses(big).items():
+        assert losses(accum)[step] == pytest.approx(loss, rel=1e-4)
+
+
+def test_token_cache_is_reused_by_the_next_run():
+    _, first = run(toy_request(max_steps=1))
+    _, second = run(toy_request(max_steps=1))
+    assert first[1].token_cache_hit is False and second[1].token_cache_hit is True
+    assert first[1].train_tokens == second[1].train_tokens > 900_000
+
+
+def test_early_stopping_finishes_when_val_loss_stops_improving():
+    # A learning rate far below fp32 resolution leaves the weights, and so the validation loss, unchanged.
+    result, events = run(toy_request(max_steps=50, eval_every=1, early_stopping_patience=2, learning_rate=1e-12))
+    assert result.state == "finished" and result.step == 3
+    assert any(e.name == "warning" and "early stopping" in e.message for e in events)
+
+
+def test_unsupported_dtype_falls_back_to_fp32_with_a_warning():
+    _, events = run(toy_request(max_steps=1, dtype="fp16"))
+    warning = next(e for e in events if e.name == "warning")
+    assert "fp16" in warning.message and "fp32" in warning.message
+    assert next(e for e in events if e.name == "started").dtype == "fp32"
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_autocast_on_a_cpu_with_native_bf16():
+    _, events = run(toy_request(max_steps=2, dtype="bf16"))
+    assert next(e for e in events if e.name == "started").dtype == "bf16"
+    assert not [e for e in events if e.name == "warning"]
+    assert abs(losses(events)[1] - math.log(257)) < 0.6
+
+
+def test_vocabulary_is_checked_before_anything_runs():
+    with pytest.raises(RequestInvalidError, match="vocabulary"):
+        train(toy_request(vocab=100), track=False)
+    assert not (store.slmb_home() / "runs").exists()
+
+
+def test_a_failure_ends_the_log_with_error():
+    task_id = store.new_task_id()
+    with pytest.raises(FileNotFoundError):
+        run(toy_request(dataset="no_such_dataset_here"), task_id=task_id)
+    events = ev.read_events(store.run_dir(task_id).events)
+    assert [e.name for e in events[-2:]] == ["status", "error"]
+    assert "no_such_dataset_here" in events[-1].message
+    assert FileControl().read_status(task_id)["state"] == "error"
+
+
+def test_a_hard_interrupt_still_ends_the_log():
+    task_id = store.new_task_id()
+
+    def interrupt(event):
+        if event.name == "step" and event.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(toy_request(max_steps=10), task_id=task_id, sinks=[ev.CallbackSink(interrupt)])
+    last = ev.read_events(store.run_dir(task_id).events)[-1]
+    assert last.name == "stopped" and last.reason == "interrupted"
+
+
+def test_training_is_tracked_in_mlflow(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from slmb.core import tracking
+
+    result, events = run(toy_request(max_steps=4, eval_every=2), track=True)
+    assert not [e for e in events if e.name == "warning"]
+    client = tracking.client()
+    mlrun = client.get_run(result.mlflow["mlflow_run_id"])
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["training_status"] == "finished"
+    assert mlrun.data.tags["task_id"] == result.task_id and mlrun.data.tags["model_name"] == "toy"
+    assert mlrun.data.params["context_length"] == "32" and mlrun.data.params["tokenizer"] == "byte"
+    steps = client.get_metric_history(mlrun.info.run_id, "train/step_loss")
+    assert sorted(m.step for m in steps) == [1, 2, 3, 4]
+    assert len(client.get_metric_history(mlrun.info.run_id, "eval/val_loss")) == 2
+    assert {"structure.json", "loss_curve.png", "model.safetensors"} <= {
+        a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert store.get_model("toy").metadata["mlflow_run_id"] == mlrun.info.run_id
