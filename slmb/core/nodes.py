@@ -287,8 +287,28 @@ class FeedForward(nn.Module):
 
 
 class Linear(nn.Linear):
+    """A chain-level linear (usually the LM head).
+
+    Cached decoding multiplies one token's vector by the whole (V, E) weight; in nn.Linear's layout that
+    runs at a third of the speed of the same product with the weight stored (E, V). Decoding keeps such a
+    copy, made again whenever the weight changes (its version counter moves), so results stay identical.
+    """
+
+    _decode_key: tuple | None = None
+
     def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        if ctx is not None and ctx.cache is not None and not torch.is_grad_enabled():
+            return self._decode(x)
         return super().forward(x)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._decode_key != key:
+            self._decode_weight = w.detach().t().contiguous()  # (E, V)
+            self._decode_key = key
+        y = x @ self._decode_weight.to(x.dtype)
+        return y + self.bias.to(x.dtype) if self.bias is not None else y
 
 
 class Residual(nn.Module):
