@@ -161,5 +161,144 @@ def generate(model: str = typer.Argument(..., help="name of a completed model (s
                    f"{result.finish_reason}]", err=True)
 
 
+EXIT_STOPPED = 3  # `slmb train` ended by a stop (Ctrl-C or `slmb stop`): resumable, but not a finished model
+
+
+@app.command()
+def train(file: Path | None = typer.Argument(None, help="request JSON; optional with --resume"),
+          epochs: int | None = typer.Option(None, "--epochs", min=1, help="override config.epochs"),
+          max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="override config.max_steps"),
+          batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="override config.batch_size"),
+          device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps"),
+          dtype: str | None = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (compute precision)"),
+          name: str | None = typer.Option(None, "--name", help="override modelName (names the completed model)"),
+          resume: str | None = typer.Option(None, "--resume", metavar="TASK_ID",
+                                            help="continue a stopped run from its latest checkpoint"),
+          track: bool = typer.Option(True, "--track/--no-track", help="log the run to MLflow"),
+          as_json: bool = typer.Option(False, "--json", help="print one event per line (JSON) instead of the "
+                                                             "live display")) -> None:
+    """Train a model; the finished model goes to the store (see `slmb list`).
+
+    Prints the task id first, so another terminal can `slmb stop TASK_ID` or `slmb events TASK_ID --follow`.
+    Ctrl-C stops after the current step with a checkpoint (resume with --resume TASK_ID); a second Ctrl-C
+    quits at once. Exit code 0 finished, 1 invalid request or failed, 2 unreadable file, 3 stopped.
+    """
+    import signal
+
+    from slmb.core import events as ev
+    from slmb.core.control import get_control
+    from slmb.core.store import StoreError, new_task_id
+    from slmb.core.trainer import train as run_training
+    from slmb.core.validate import RequestInvalidError
+
+    if file is None and resume is None:
+        _fail("give a request FILE, or --resume TASK_ID to continue a stopped run", EXIT_UNREADABLE)
+    body = read_request(file) if file is not None else None
+    task_id = resume or new_task_id()
+    overrides = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device,
+                 "dtype": dtype, "model_name": name}
+    if as_json:
+        sink: Any = ev.CallbackSink(lambda e: typer.echo(e.to_json()))
+        typer.echo(f"task {task_id}", err=True)
+    else:
+        from slmb.console import ConsoleSink
+
+        sink = ConsoleSink()
+        sink.console.print(f"task [bold]{task_id}[/] (from another terminal: slmb stop {task_id})", highlight=False)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C quits at once
+        try:
+            get_control().request_stop(task_id)
+        except StoreError:  # no run yet (still validating): nothing to checkpoint
+            raise KeyboardInterrupt from None
+        typer.echo("stopping after this step (Ctrl-C again to quit now)", err=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = run_training(body, task_id=task_id, sinks=[sink], overrides=overrides, resume=resume is not None,
+                              track=track)
+    except RequestInvalidError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_INVALID)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if result.mlflow.get("mlflow_url") and not as_json:
+        typer.echo(f"MLflow run: {result.mlflow['mlflow_url']}")
+    if result.state == "stopped":
+        if result.path:
+            typer.echo(f"resume with: slmb train --resume {task_id}", err=True)
+        raise typer.Exit(EXIT_STOPPED)
+
+
+@app.command()
+def stop(task_id: str = typer.Argument(..., help="the run's task id (printed by `slmb train`)"),
+         force: bool = typer.Option(False, "--force", help="kill the training process (SIGTERM, then SIGKILL) "
+                                                           "instead of asking it to checkpoint and stop")) -> None:
+    """Stop a training run: cooperatively (checkpoint, then `stopped`), or at once with --force."""
+    from slmb.core.control import get_control
+    from slmb.core.store import StoreError
+
+    try:
+        result = get_control().request_stop(task_id, force=force)
+    except StoreError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    typer.echo(f"{task_id}: {result['message']}")
+
+
+@app.command(name="list")
+def list_models(as_json: bool = typer.Option(False, "--json", help="print the models as JSON")) -> None:
+    """List the completed models in the store."""
+    from slmb.core.store import list_models as completed_models
+
+    models = completed_models()
+    if as_json:
+        typer.echo(json.dumps([m.to_dict() for m in models], indent=2, default=str))
+        return
+    if not models:
+        typer.echo("no completed models yet (train one with `slmb train FILE`)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from slmb.console import fmt_loss
+
+    table = Table()
+    for col, kw in (("model", {"no_wrap": True}), ("parameters", {"justify": "right"}), ("tokenizer", {}),
+                    ("steps", {"justify": "right"}), ("val loss", {"justify": "right"}), ("created", {})):
+        table.add_column(col, **kw)
+    for m in models:
+        meta = m.metadata
+        params, steps = meta.get("parameters"), meta.get("steps")
+        table.add_row(m.name, f"{params:,}" if params is not None else "-", str(meta.get("tokenizer", "-")),
+                      f"{steps:,}" if steps is not None else "-", fmt_loss((meta.get("metrics") or {}).get("val_loss")),
+                      str(meta.get("created", "-"))[:19].replace("T", " "))
+    Console().print(table)
+
+
+@app.command()
+def events(task_id: str = typer.Argument(..., help="the run's task id"),
+           follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the run ends")
+           ) -> None:
+    """Print a run's events, one JSON object per line ({"event": ..., "data": {...}})."""
+    from slmb.core.events import follow_events, read_events
+    from slmb.core.store import StoreError, run_dir
+
+    try:
+        run = run_dir(task_id)
+    except StoreError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    if not run.exists():
+        _fail(f"no run {task_id!r} in {run.path.parent}", EXIT_INVALID)
+    try:
+        for event in follow_events(run.events) if follow else read_events(run.events):
+            typer.echo(event.to_json())
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
 if __name__ == "__main__":
     sys.exit(main())

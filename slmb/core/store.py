@@ -24,14 +24,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from slmb import __version__
 from slmb.core.spec import MODEL_NAME_RE
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: `slmb stop`, `list` and `events` stay fast
+    import torch
 
 WEIGHTS, STRUCTURE, METADATA = "model.safetensors", "structure.json", "metadata.json"
 # Test hook: seconds to sleep after the weights are written and before the model is published, so a test
@@ -96,6 +95,8 @@ def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], metadata: M
     token embedding is the LM head). One copy is saved and the alias is recorded in the file's header;
     :func:`load_weights` gives the alias back as the same tensor, so ``load_state_dict`` restores both.
     """
+    from safetensors.torch import save_file
+
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -122,6 +123,8 @@ def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor], metadata: M
 
 def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load a safetensors file (no pickle), restoring tied names as the same tensor."""
+    from safetensors import safe_open
+
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a mapping
         header = f.metadata() or {}

@@ -84,11 +84,12 @@ def client() -> Any:
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    # MLflow and its database migrations log at INFO to the terminal the trainer is drawing on.
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
+    # MLflow and its database migrations log at INFO to the terminal the trainer is drawing on; mlflow sets its
+    # logger's level when imported, so this comes after the import.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return MlflowClient(uri)
 
 

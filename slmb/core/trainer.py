@@ -539,13 +539,14 @@ class _Loop:
 
     def _finished(self, model: nn.Module, tokenizer: Any, dtype: str, device: torch.device) -> TrainResult:
         st, cfg = self.state, self.req.config
+        elapsed = self.elapsed()  # before waiting for MLflow, which may still be starting up
         mlflow = self.mlflow_sink.describe() if self.mlflow_sink is not None else {}
         metadata = {
             "task_id": self.task_id, "tokenizer": tokenizer.name, "tokenizer_vocab_size": tokenizer.vocab_size,
             "dataset": self.req.dataset, "dataset_config": self.req.dataset_config,
             "parameters": model.num_parameters(), "vocab_size": model.vocab_size,
             "context_length": cfg.context_length, "dtype": dtype, "device": str(device), "steps": st.step,
-            "epochs": cfg.epochs, "elapsed_s": round(self.elapsed(), 3),
+            "epochs": cfg.epochs, "elapsed_s": round(elapsed, 3),
             "metrics": {"train_loss": st.eval_train_loss, "val_loss": st.val_loss,
                         "best_val_loss": st.best_val_loss, "last_step_loss": st.last_loss, "loss_ema": st.loss_ema},
             **mlflow,
@@ -554,7 +555,7 @@ class _Loop:
         self.control.write_status(self.task_id, "finished", step=st.step, path=str(path))
         self.emit(ev.Status, state="finished")
         self.emit(ev.Finished, model_name=self.model_name, step=st.step, train_loss=st.eval_train_loss,
-                  val_loss=st.val_loss, path=str(path), elapsed_s=self.elapsed())
+                  val_loss=st.val_loss, path=str(path), elapsed_s=elapsed)
         return self._result("finished", str(path), mlflow)
 
     def _result(self, state: str, path: str | None, mlflow: dict[str, Any] | None = None) -> TrainResult:
