@@ -161,6 +161,39 @@ def generate(model: str = typer.Argument(..., help="name of a completed model (s
                    f"{result.finish_reason}]", err=True)
 
 
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+          port: int = typer.Option(8000, help="HTTP port"),
+          redis_url: str | None = typer.Option(None, "--redis-url", envvar="SLMB_REDIS_URL",
+                                               help="a running Redis; without one a private redis-server starts"),
+          workers: int = typer.Option(1, "--workers", min=0, help="worker processes to start (0: API only)"),
+          log_level: str = typer.Option("info", "--log-level")) -> None:
+    """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM."""
+    import logging
+
+    from slmb.api.serve import serve as run_service
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run_service(host=host, port=port, redis_url=redis_url, workers=workers, log_level=log_level)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:
+        _fail(str(exc), EXIT_INVALID)
+
+
+@app.command()
+def worker(redis_url: str = typer.Option(..., "--redis-url", envvar="SLMB_REDIS_URL", help="the service's Redis"),
+           queue: list[str] = typer.Option([], "--queue", help="queue to take jobs from (repeatable; default "
+                                                               "$SLMB_QUEUE or 'slmb')"),
+           name: str | None = typer.Option(None, help="worker name (default: RQ's)"),
+           burst: bool = typer.Option(False, help="exit once the queues are empty")) -> None:
+    """Run a training worker: takes queued runs from Redis, trains them, streams their events back."""
+    from slmb.api.worker import run_worker
+
+    run_worker(redis_url, queue or None, burst=burst, name=name)
+
+
 EXIT_STOPPED = 3  # `slmb train` ended by a stop (Ctrl-C or `slmb stop`): resumable, but not a finished model
 
 

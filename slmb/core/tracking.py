@@ -21,8 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from slmb.core import events as ev
-from slmb.core.spec import Config
-from slmb.core.store import WEIGHTS, slmb_home
+from slmb.core.spec import MODEL_NAME_RE, Config
+from slmb.core.store import (
+    METADATA,
+    STRUCTURE,
+    WEIGHTS,
+    StoreError,
+    check_model_name,
+    load_weights,
+    read_json,
+    save_completed,
+    slmb_home,
+)
 
 # A tracking server that is down must cost seconds, not MLflow's default minutes of retries.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
@@ -280,9 +290,57 @@ class MlflowSink:
                 plot_loss_curve(self._curve, curve)
                 self._client.log_artifact(self.run_id, str(curve))
         if isinstance(event, ev.Finished) and (Path(event.path) / WEIGHTS).is_file():
-            self._client.log_artifact(self.run_id, str(Path(event.path) / WEIGHTS))
+            # Weights and metadata make the run a complete copy of the model: see fetch_model.
+            for name in (WEIGHTS, METADATA):
+                if (Path(event.path) / name).is_file():
+                    self._client.log_artifact(self.run_id, str(Path(event.path) / name))
         self._client.set_tag(self.run_id, "training_status", state)
         self._client.set_terminated(self.run_id, _FINAL_STATUS[state])
+
+
+def finished_model_runs(mlflow_client: Any = None) -> dict[str, Any]:
+    """The newest finished run of every model name in the experiment, ``{model_name: mlflow Run}``."""
+    mlflow_client = mlflow_client or client()
+    experiment = mlflow_client.get_experiment_by_name(experiment_name())
+    if experiment is None:
+        return {}
+    runs = mlflow_client.search_runs([experiment.experiment_id], "tags.training_status = 'finished'",
+                                     order_by=["attributes.end_time DESC"], max_results=1000)
+    newest: dict[str, Any] = {}
+    for run in runs:
+        name = run.data.tags.get("model_name", "")
+        if MODEL_NAME_RE.match(name) and name not in newest:
+            newest[name] = run
+    return newest
+
+
+def fetch_model(name: str, mlflow_client: Any = None) -> Path:
+    """Copy the newest finished model ``name`` from MLflow into the local store and return ``completed/<name>``.
+
+    A service whose workers train on other machines (other ``SLMB_HOME``s, one tracking store) serves their
+    models this way. Raises :class:`StoreError` when MLflow has no finished run of that name with weights.
+    """
+    check_model_name(name)
+    mlflow_client = mlflow_client or client()
+    experiment = mlflow_client.get_experiment_by_name(experiment_name())
+    runs = [] if experiment is None else mlflow_client.search_runs(
+        [experiment.experiment_id], f"tags.model_name = '{name}' and tags.training_status = 'finished'",
+        order_by=["attributes.end_time DESC"], max_results=1)
+    if not runs:
+        raise StoreError(f"no completed model named {name!r} in the store or in MLflow")
+    run = runs[0]
+    with tempfile.TemporaryDirectory(prefix="slmb-fetch-") as tmp:
+        files = {f.path for f in mlflow_client.list_artifacts(run.info.run_id)}
+        if WEIGHTS not in files or STRUCTURE not in files:
+            raise StoreError(f"MLflow run {run.info.run_id} of {name!r} has no {WEIGHTS} or {STRUCTURE}")
+        local = {f: Path(mlflow_client.download_artifacts(run.info.run_id, f, tmp))
+                 for f in (WEIGHTS, STRUCTURE, METADATA) if f in files}
+        metadata = read_json(local[METADATA]) if METADATA in local else {}
+        metadata.update(source="mlflow", mlflow_run_id=run.info.run_id,
+                        mlflow_experiment_id=run.info.experiment_id, mlflow_tracking_uri=tracking_uri())
+        for key in ("model_name", "created", "slmb_version", "store_version", "weight_aliases"):
+            metadata.pop(key, None)  # save_completed records these afresh
+        return save_completed(name, read_json(local[STRUCTURE]), load_weights(local[WEIGHTS]), metadata)
 
 
 def plot_loss_curve(curve: Mapping[str, list[tuple[int, float]]], path: Path) -> None:

@@ -1,0 +1,77 @@
+"""Completed models for the service: an in-memory LRU of loaded generators, filled from the local store or,
+for models trained by workers with another ``SLMB_HOME``, from MLflow (:func:`slmb.core.tracking.fetch_model`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from slmb.core import store
+from slmb.core.generate import Generator, load_generator
+
+log = logging.getLogger("slmb.api")
+
+
+def local_or_fetched(name: str) -> store.ModelEntry:
+    """The model from the local store, copied there from MLflow first if only MLflow has it."""
+    try:
+        return store.get_model(name)
+    except store.StoreError:
+        store.check_model_name(name)
+    from slmb.core import tracking
+
+    tracking.fetch_model(name)
+    return store.get_model(name)
+
+
+class ModelCache:
+    """Keeps the ``size`` most recently used generators. A model republished under the same name (a new
+    ``store_version``) is loaded afresh. Loads of one name are serialised; different names load in parallel."""
+
+    def __init__(self, size: int):
+        self.size = max(1, size)
+        self._items: OrderedDict[tuple[str, str], Generator] = OrderedDict()
+        self._lock = threading.Lock()
+        self._name_locks: dict[str, threading.Lock] = {}
+
+    def get(self, name: str) -> Generator:
+        with self._lock:
+            name_lock = self._name_locks.setdefault(store.check_model_name(name), threading.Lock())
+        with name_lock:
+            entry = local_or_fetched(name)
+            key = (name, str(entry.metadata.get("store_version", "")))
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    return self._items[key]
+            generator, _ = load_generator(name)
+            with self._lock:
+                for old in [k for k in self._items if k[0] == name]:
+                    del self._items[old]
+                self._items[key] = generator
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+            return generator
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Local models, then the finished models MLflow knows and this store does not (``source: "mlflow"``):
+    generation fetches those on first use."""
+    models = [{**e.to_dict(), "source": "local"} for e in store.list_models()]
+    local = {m["model_name"] for m in models}
+    try:
+        from slmb.core import tracking
+
+        remote = tracking.finished_model_runs()
+    except Exception as exc:  # MLflow down: the local list is still right
+        log.warning("listing MLflow models failed: %s", exc)
+        return models
+    for name, run in sorted(remote.items()):
+        if name not in local:
+            models.append({"model_name": name, "source": "mlflow", "has_structure": True,
+                           "structure_file": f"runs:/{run.info.run_id}/{store.STRUCTURE}",
+                           "mlflow_run_id": run.info.run_id, "task_id": run.data.tags.get("task_id"),
+                           "created": run.info.end_time})
+    return models

@@ -1,0 +1,107 @@
+"""``POST /api/v1/generate-text`` and its streamed variant ``POST /api/v1/generate-text/stream`` (SSE)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from slmb.api.routes.events import SSE_HEADERS, sse_message
+from slmb.api.routes.stop import check_name
+from slmb.core.generate import Generation, Generator, SamplingParams
+from slmb.core.store import StoreError
+
+log = logging.getLogger("slmb.api")
+router = APIRouter(tags=["generation"])
+
+
+class GenerateBody(BaseModel):
+    """The canvas sends ``model_name``, ``input_text``, ``max_length``, ``temperature``, ``top_k``; the rest are
+    slmb's sampling controls (:class:`slmb.core.generate.SamplingParams`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_name: str
+    input_text: str = ""
+    max_length: int = Field(default=50, ge=0, description="new tokens at most")
+    temperature: float = 0.7
+    top_k: int | None = 40
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+
+def _params(body: GenerateBody, request: Request) -> SamplingParams:
+    settings = request.app.state.settings
+    if body.max_length > settings.max_new_tokens:
+        raise HTTPException(422, f"max_length is {body.max_length}; the service allows at most "
+                                 f"{settings.max_new_tokens}")
+    if len(body.input_text) > settings.max_input_chars:
+        raise HTTPException(413, f"input_text has {len(body.input_text)} characters; the service allows at most "
+                                 f"{settings.max_input_chars}")
+    if any(len(s) > 200 for s in body.stop):
+        raise HTTPException(422, "stop strings are 200 characters at most")
+    try:
+        return SamplingParams(max_new_tokens=body.max_length, temperature=body.temperature, top_k=body.top_k,
+                              top_p=body.top_p if body.top_p is not None and body.top_p < 1 else None,
+                              repetition_penalty=body.repetition_penalty, seed=body.seed, stop=body.stop)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+async def _generator(request: Request, name: str) -> Generator:
+    try:
+        return await run_in_threadpool(request.app.state.models.get, name)
+    except StoreError:
+        raise HTTPException(404, f"no completed model named {name!r}") from None
+
+
+@router.post("/generate-text", summary="Generate text with a completed model (output includes the prompt)")
+async def generate_text(body: GenerateBody, request: Request) -> dict:
+    params = _params(body, request)
+    generator = await _generator(request, body.model_name)
+    result = await run_in_threadpool(generator.generate, body.input_text, params)
+    return {"status": "success", "model_name": body.model_name, "input_text": body.input_text,
+            "output_text": result.output_text, "generated_text": result.text, "new_tokens": len(result.token_ids),
+            "finish_reason": result.finish_reason, "tokens_per_sec": round(result.tokens_per_sec, 2)}
+
+
+@router.post("/generate-text/stream", summary="Generate text as Server-Sent Events of text deltas",
+             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def generate_text_stream(body: GenerateBody, request: Request) -> StreamingResponse:
+    """Messages: ``start`` {model_name, input_text}, ``delta`` {text} per piece of text, then ``done``
+    {output_text, finish_reason, new_tokens, tokens_per_sec} (or ``error``). Each is
+    ``data: {"event": ..., "data": {...}}``, as on the training event stream."""
+    params = _params(body, request)
+    generator = await _generator(request, body.model_name)
+
+    def message(event: str, **data: object) -> str:
+        return sse_message(json.dumps({"event": event, "data": data}, ensure_ascii=False))
+
+    async def stream():
+        result = Generation(body.input_text, "")
+        yield message("start", model_name=body.model_name, input_text=body.input_text)
+        try:
+            # One token per thread-pool hop; a client that leaves cancels the loop between tokens.
+            async for delta in iterate_in_threadpool(generator.stream(body.input_text, params, result)):
+                yield message("delta", text=delta)
+        except Exception:
+            request_id = uuid.uuid4().hex[:16]
+            log.exception("request %s: streamed generation failed", request_id)
+            yield message("error", detail="internal error", request_id=request_id)
+            return
+        yield message("done", output_text=result.output_text, finish_reason=result.finish_reason,
+                      new_tokens=len(result.token_ids), tokens_per_sec=round(result.tokens_per_sec, 2))
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,57 @@
+"""``GET /healthz``: is Redis up, is any worker listening, is MLflow reachable."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+router = APIRouter(tags=["health"])
+CHECK_TIMEOUT_S = 5.0
+
+
+def _workers(conn: Any, queue: str) -> list[dict[str, Any]]:
+    from rq import Worker
+
+    from slmb.api.worker import get_queue
+
+    return [{"name": w.name, "state": w.get_state(), "current_job": w.get_current_job_id()}
+            for w in Worker.all(connection=conn, queue=get_queue(conn, queue))]
+
+
+def _mlflow() -> dict[str, Any]:
+    from slmb.core import tracking
+
+    tracking.client().search_experiments(max_results=1)
+    return {"ok": True, "tracking_uri": tracking.tracking_uri(), "ui": tracking.mlflow_ui_base()}
+
+
+async def _check(fn, *args: Any) -> dict[str, Any]:
+    try:
+        out = await asyncio.wait_for(run_in_threadpool(fn, *args), CHECK_TIMEOUT_S)
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return out if isinstance(out, dict) else {"ok": True, "workers": out}
+
+
+@router.get("/healthz", summary="Redis, workers and MLflow")
+async def healthz(request: Request) -> JSONResponse:
+    app = request.app
+    try:
+        await asyncio.wait_for(app.state.aredis.ping(), CHECK_TIMEOUT_S)
+        redis_check: dict[str, Any] = {"ok": True}
+    except Exception as exc:
+        redis_check = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    workers = await _check(_workers, app.state.redis, app.state.settings.queue) if redis_check["ok"] else {
+        "ok": False, "error": "Redis is down"}
+    if workers.get("ok"):
+        workers["count"] = len(workers["workers"])
+        workers["ok"] = workers["count"] > 0
+    mlflow = await _check(_mlflow)
+    ok = redis_check["ok"] and workers["ok"] and mlflow["ok"]
+    body = {"status": "ok" if ok else "degraded", "redis": redis_check, "workers": workers, "mlflow": mlflow,
+            "queue": app.state.settings.queue}
+    return JSONResponse(body, status_code=200 if redis_check["ok"] else 503)

@@ -1,0 +1,15 @@
+"""``GET /api/v1/completed-models``: the models that can generate text."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from slmb.api import model_cache
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/completed-models", summary="Completed models, local and in MLflow")
+async def completed_models() -> dict:
+    return {"models": await run_in_threadpool(model_cache.list_models)}

@@ -1,0 +1,128 @@
+"""``POST /api/v1/train-complete-model``: validate a canvas request, record it, queue its training."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from slmb.api.app import API_PREFIX
+
+log = logging.getLogger("slmb.api")
+router = APIRouter(tags=["training"])
+MLFLOW_TIMEOUT_S = 10.0
+
+
+async def read_json_body(request: Request, limit: int) -> Any:
+    """The parsed JSON body; 413 past ``limit`` bytes, 400 when it is not JSON."""
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise HTTPException(413, f"the body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"the body is larger than {limit} bytes")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+
+
+def structure_id(request: dict[str, Any]) -> str:
+    """A content hash of the architecture and config: equal canvases get equal ids."""
+    canonical = json.dumps({"config": request.get("config"), "model": request.get("model")}, sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _mlflow_run(task_id: str, request: dict[str, Any]) -> str:
+    """Create the task's MLflow run now, so the response can link to it; the trainer finds it by task id."""
+    from slmb.core import tracking
+
+    experiment_id, run_id = tracking.start_run(task_id, request)
+    return tracking.mlflow_run_url(run_id, experiment_id)
+
+
+async def mlflow_url(task_id: str, request: dict[str, Any]) -> str:
+    """The run's MLflow page; if MLflow is slow or down, the experiment list (training does not wait for it)."""
+    from slmb.core import tracking
+
+    try:
+        return await asyncio.wait_for(run_in_threadpool(_mlflow_run, task_id, request), MLFLOW_TIMEOUT_S)
+    except Exception as exc:
+        log.warning("task %s: no MLflow run yet (%s: %s)", task_id, type(exc).__name__, exc)
+        return f"{tracking.mlflow_ui_base()}/#/experiments"
+
+
+def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> None:
+    from slmb.api.worker import submit
+    from slmb.core.store import create_run
+
+    create_run(request, task_id)
+    submit(app.state.redis, request, task_id=task_id, queue=app.state.settings.queue)
+
+
+@router.post("/train-complete-model", summary="Validate a model request and queue its training",
+             responses={422: {"description": "invalid request: every error with its JSON pointer"}},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/TrainRequest"}}}}})
+async def train_complete_model(request: Request) -> Any:
+    from slmb.core import tracking
+    from slmb.core.store import new_task_id
+    from slmb.core.validate import validate
+
+    settings = request.app.state.settings
+    body = await read_json_body(request, settings.max_body_bytes)
+    report = await run_in_threadpool(validate, body)
+    if not report.ok:
+        return JSONResponse(status_code=422, content={
+            "detail": f"invalid request: {len(report.errors)} error(s)",
+            "errors": [e.to_dict() for e in report.errors], "warnings": [w.to_dict() for w in report.warnings]})
+    task_id = new_task_id()
+    spec, summary = report.request, report.summary
+    if not spec.model_name:  # every run needs a name: it names the completed model's files
+        body["modelName"] = f"model-{task_id[:8]}"
+    model_name = body.get("modelName") or body.get("model_name")
+    url = await mlflow_url(task_id, body)
+    await run_in_threadpool(_submit, request.app, body, task_id)
+    base = (settings.public_url or str(request.base_url)).rstrip("/")
+    sse_url = f"{API_PREFIX}/events/{task_id}"
+    return {
+        "status": "success", "task_id": task_id, "sse_url": sse_url, "sse_url_abs": base + sse_url,
+        "stop_url_abs": f"{base}{API_PREFIX}/stop-training", "mlflow_url": url,
+        "message": f"training of {model_name} queued as task {task_id}",
+        "model_name": model_name, "experiment_name": tracking.experiment_name(),
+        "structure_id": structure_id(body),
+        "model_info": {"total_parameters": summary.total_parameters,
+                       "trainable_parameters": summary.trainable_parameters,
+                       "config": spec.config.model_dump(mode="json", exclude_none=True), "dataset": spec.dataset},
+        "training_config": {"dataset": spec.dataset, "dataset_config": spec.dataset_config,
+                            "epochs": spec.config.epochs},
+        "warnings": [w.to_dict() for w in report.warnings],
+    }
+
+
+def document_request_body(app: FastAPI) -> None:
+    """Put the request's JSON Schema into the OpenAPI document (the route reads the raw body, so that
+    validation reports JSON pointers rather than FastAPI's own error format)."""
+    from slmb.core.spec import TrainRequest
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            request_schema = TrainRequest.model_json_schema(by_alias=True,
+                                                            ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_schema.pop("$defs", {}))
+            components["TrainRequest"] = request_schema
+        return app.openapi_schema
+
+    app.openapi = openapi

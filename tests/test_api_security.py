@@ -1,0 +1,96 @@
+"""Bearer token, CORS and error hiding, on the app in-process (TestClient) with the test stack's Redis."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from slmb.api import model_cache
+from slmb.api.app import DEV_ORIGINS, Settings, create_app
+
+pytest_plugins = ["service_fixtures"]
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def app_client(service, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", service.mlflow_uri)
+
+    def make(**settings) -> TestClient:
+        app = create_app(Settings(redis_url=service.redis_url, **settings))
+        return TestClient(app, raise_server_exceptions=False)
+
+    return make
+
+
+def test_bearer_token_guards_every_api_route(app_client):
+    with app_client(api_token=TOKEN) as client:
+        for method, path in (("GET", "/api/v1/completed-models"), ("POST", "/api/v1/stop-training"),
+                             ("POST", "/api/v1/train-complete-model"), ("POST", "/api/v1/generate-text"),
+                             ("GET", "/api/v1/events/some-task")):
+            resp = client.request(method, path, json={})
+            assert resp.status_code == 401, path
+            assert resp.headers["www-authenticate"] == "Bearer"
+            wrong = client.request(method, path, json={}, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+        ok = client.get("/api/v1/completed-models", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and "models" in ok.json()
+        # EventSource cannot set headers: the SSE route also takes ?token= (404: past auth, unknown task) ...
+        assert client.get(f"/api/v1/events/no-such-task?token={TOKEN}").status_code == 404
+        assert client.get("/api/v1/events/no-such-task?token=nope").status_code == 401
+        # ... and only the SSE route.
+        assert client.get(f"/api/v1/completed-models?token={TOKEN}").status_code == 401
+        # Health and docs stay open.
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_without_a_token_the_api_is_open(app_client):
+    with app_client() as client:
+        assert client.get("/api/v1/completed-models").status_code == 200
+
+
+def test_a_500_never_shows_the_exception(app_client, monkeypatch, caplog):
+    def broken() -> list:
+        raise RuntimeError("cannot open /srv/secret/path: password=hunter2")
+
+    monkeypatch.setattr(model_cache, "list_models", broken)
+    with app_client() as client:
+        resp = client.get("/api/v1/completed-models")
+    assert resp.status_code == 500
+    body = resp.json()
+    assert body["detail"] == "internal error" and len(body["request_id"]) == 16
+    assert "hunter2" not in resp.text and "secret" not in resp.text and "RuntimeError" not in resp.text
+    # The log has it all, under the same request id.
+    logged = [r for r in caplog.records if body["request_id"] in r.getMessage()]
+    assert logged and "hunter2" in str(logged[0].exc_info[1])
+
+
+@pytest.mark.parametrize("origin", DEV_ORIGINS)
+def test_cors_allows_the_canvas_dev_origins(app_client, origin):
+    with app_client() as client:
+        resp = client.options("/api/v1/train-complete-model", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization"})
+        assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == origin
+        get = client.get("/api/v1/completed-models", headers={"Origin": origin})
+        assert get.headers["access-control-allow-origin"] == origin
+
+
+def test_cors_origins_are_configurable(app_client):
+    with app_client(cors_origins=["https://canvas.example"]) as client:
+        allowed = client.get("/api/v1/completed-models", headers={"Origin": "https://canvas.example"})
+        assert allowed.headers["access-control-allow-origin"] == "https://canvas.example"
+        other = client.get("/api/v1/completed-models", headers={"Origin": "http://localhost:5173"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SLMB_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("SLMB_API_TOKEN", "t")
+    monkeypatch.setenv("SLMB_SSE_KEEPALIVE", "2.5")
+    s = Settings.from_env()
+    assert s.cors_origins == ["https://a.example", "https://b.example"] and s.api_token == "t"
+    assert s.sse_keepalive_s == 2.5
+    monkeypatch.delenv("SLMB_CORS_ORIGINS")
+    assert Settings.from_env().cors_origins == list(DEV_ORIGINS)
