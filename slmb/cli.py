@@ -209,7 +209,9 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
                                             help="continue a stopped run from its latest checkpoint"),
           track: bool = typer.Option(True, "--track/--no-track", help="log the run to MLflow"),
           as_json: bool = typer.Option(False, "--json", help="print one event per line (JSON) instead of the "
-                                                             "live display")) -> None:
+                                                             "live display"),
+          queue: bool = typer.Option(False, "--queue", help="train on the service's workers (Redis at "
+                                                            "$SLMB_REDIS_URL) and follow the run here")) -> None:
     """Train a model; the finished model goes to the store (see `slmb list`).
 
     Prints the task id first, so another terminal can `slmb stop TASK_ID` or `slmb events TASK_ID --follow`.
@@ -232,11 +234,18 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
                  "dtype": dtype, "model_name": name}
     if as_json:
         sink: Any = ev.CallbackSink(lambda e: typer.echo(e.to_json()))
-        typer.echo(f"task {task_id}", err=True)
     else:
         from slmb.console import ConsoleSink
 
         sink = ConsoleSink()
+    if queue:
+        if resume or not track:
+            _fail("--queue cannot be combined with --resume or --no-track", EXIT_UNREADABLE)
+        _train_queued(body, overrides, sink)
+        return
+    if as_json:
+        typer.echo(f"task {task_id}", err=True)
+    else:
         sink.console.print(f"task [bold]{task_id}[/] (from another terminal: slmb stop {task_id})", highlight=False)
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -275,6 +284,15 @@ def stop(task_id: str = typer.Argument(..., help="the run's task id (printed by 
     from slmb.core.control import get_control
     from slmb.core.store import StoreError
 
+    if (conn := _service_redis()) is not None:
+        from slmb.api.redis_events import RedisControl
+
+        try:
+            result = RedisControl(conn).request_stop(task_id, force=force)
+            typer.echo(f"{task_id}: {result['message']} [{result['celery_state']}]")
+            return
+        except StoreError:  # not one of the service's tasks: a local run
+            pass
     try:
         result = get_control().request_stop(task_id, force=force)
     except StoreError as exc:
@@ -284,13 +302,23 @@ def stop(task_id: str = typer.Argument(..., help="the run's task id (printed by 
 
 @app.command(name="list")
 def list_models(as_json: bool = typer.Option(False, "--json", help="print the models as JSON")) -> None:
-    """List the completed models in the store."""
+    """List the completed models in the store; with $SLMB_REDIS_URL set, also the service's training tasks
+    (then --json prints {"models": [...], "tasks": [...]})."""
     from slmb.core.store import list_models as completed_models
 
     models = completed_models()
+    conn = _service_redis()
+    tasks = None
+    if conn is not None:
+        from slmb.api.redis_events import list_tasks
+
+        tasks = list_tasks(conn)
     if as_json:
-        typer.echo(json.dumps([m.to_dict() for m in models], indent=2, default=str))
+        listed = [m.to_dict() for m in models]
+        typer.echo(json.dumps(listed if tasks is None else {"models": listed, "tasks": tasks}, indent=2, default=str))
         return
+    if tasks:
+        _render_tasks(tasks)
     if not models:
         typer.echo("no completed models yet (train one with `slmb train FILE`)")
         return
@@ -320,6 +348,19 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
     from slmb.core.events import follow_events, read_events
     from slmb.core.store import StoreError, run_dir
 
+    conn = _service_redis()
+    if conn is not None:
+        from slmb.api import redis_events as rev
+
+        if rev.task_exists(conn, task_id):
+            try:
+                wires = (w for _, w in rev.follow_events(conn, task_id)) if follow else (
+                    w for _, w in rev.read_events(conn, task_id))
+                for wire in wires:
+                    typer.echo(json.dumps(wire, separators=(",", ":")))
+            except KeyboardInterrupt:
+                raise typer.Exit(130) from None
+            return
     try:
         run = run_dir(task_id)
     except StoreError as exc:
@@ -331,6 +372,81 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
             typer.echo(event.to_json())
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+
+
+# ---------------------------------------------------------------------------------------------------- service
+
+
+def _service_redis() -> Any:
+    """A Redis client for $SLMB_REDIS_URL (the HTTP service's), or None when it is not set."""
+    import os
+
+    url = os.environ.get("SLMB_REDIS_URL")
+    if not url:
+        return None
+    import redis
+
+    from slmb.api.redis_events import connect
+
+    conn = connect(url)
+    try:
+        conn.ping()
+    except redis.RedisError as exc:
+        _fail(f"cannot reach the service's Redis at $SLMB_REDIS_URL={url}: {exc}", EXIT_INVALID)
+    return conn
+
+
+def _train_queued(body: Any, overrides: dict[str, Any], sink: Any) -> None:
+    """`slmb train --queue`: enqueue on the service's workers and follow the run's events from Redis."""
+    import signal
+
+    from slmb.api import redis_events as rev
+    from slmb.api.worker import enqueue_request, reap_dead_tasks
+    from slmb.core.validate import RequestInvalidError
+
+    conn = _service_redis()
+    if conn is None:
+        _fail("--queue needs the service's Redis: set SLMB_REDIS_URL (slmb serve prints it)", EXIT_UNREADABLE)
+    try:
+        task_id = enqueue_request(conn, body, overrides)
+    except RequestInvalidError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    typer.echo(f"task {task_id} queued (from another terminal: slmb stop {task_id})", err=True)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C stops following at once
+        rev.RedisControl(conn).request_stop(task_id)
+        typer.echo("stopping after this step (Ctrl-C again to stop following; the run stops anyway)", err=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        # While waiting, look for dead workers too: with no API running, nobody else would.
+        terminal = rev.follow_into(conn, task_id, sink, idle=lambda: reap_dead_tasks(conn))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sink.close()
+    if terminal == "stopped":
+        raise typer.Exit(EXIT_STOPPED)
+    if terminal != "finished":
+        raise typer.Exit(EXIT_INVALID)
+
+
+def _render_tasks(tasks: list[dict[str, Any]]) -> None:
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="service tasks", title_justify="left")
+    for col in ("task", "model", "state", "celery", "step", "queued at"):
+        table.add_column(col, no_wrap=True)
+    for t in tasks:
+        created = datetime.fromtimestamp(t["created"]).strftime("%Y-%m-%d %H:%M:%S") if t["created"] else "-"
+        table.add_row(t["task_id"], t["model_name"] or "-", t["state"], t["celery_state"],
+                      "-" if t["step"] is None else f"{t['step']:,}", created)
+    Console(width=None if sys.stdout.isatty() else 120).print(table)  # whole task ids, even when piped
 
 
 if __name__ == "__main__":

@@ -218,10 +218,17 @@ def service(tmp_path_factory) -> Iterator[Stack]:
     """Redis, one worker (home A) and the API (home B) sharing one MLflow store."""
     tmp = tmp_path_factory.mktemp("service")
     redis_proc, url = start_redis(tmp)
-    env = {**os.environ, **FAST, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+    # One OpenMP thread: toy models gain nothing from two, and on a busy 2-core machine two threads crawl.
+    env = {**os.environ, **FAST, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1",
            "SLMB_TOKENIZER_DIR": str(shared_dir() / "tokenizers"), "SLMB_DATA_DIR": str(shared_dir() / "datasets"),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "SLMB_REDIS_URL": url}
     env.pop("SLMB_API_TOKEN", None)
+    # The experiment's artifacts go under tmp: with MLFLOW_TRACKING_URI set, MLflow would otherwise put them in
+    # ./mlruns of whichever process creates the experiment first (an in-process test app: the repository).
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment("slmb", (tmp / "mlartifacts").as_uri())
     stack = Stack(tmp, url, env)
     try:
         port = free_port()

@@ -168,6 +168,32 @@ def follow_events(conn: redis.Redis, task_id: str, after: str = "0-0", *, block_
                 return
 
 
+def follow_into(conn: redis.Redis, task_id: str, sink: ev.Sink, *, idle: Any = None) -> str:
+    """Emit a task's events, from the start and then live, to ``sink``; returns the terminal event's name."""
+    name = ""
+    for _, wire in follow_events(conn, task_id, idle=idle):
+        name = wire["event"]
+        if name in ev.EVENT_TYPES:
+            sink.emit(ev.parse_event(wire))
+    return name
+
+
+def list_tasks(conn: redis.Redis) -> list[dict[str, Any]]:
+    """The tasks Redis knows (until they expire), oldest first: id, model, state, Celery-style state, step."""
+    tasks = []
+    for key in conn.scan_iter(match=task_key("*"), count=1000):
+        task_id = key.decode().removeprefix(task_key(""))
+        if ":" in task_id:  # a task's sub-key (events, status, ...)
+            continue
+        meta = {k.decode(): v.decode() for k, v in conn.hgetall(key).items()}
+        status = RedisControl(conn).read_status(task_id) or {}
+        tasks.append({"task_id": task_id, "model_name": meta.get("model_name"), "queue": meta.get("queue"),
+                      "created": float(meta.get("created") or 0), "state": status.get("state", "queued"),
+                      "celery_state": celery_state(conn, task_id), "step": status.get("step"),
+                      "message": status.get("message")})
+    return sorted(tasks, key=lambda t: t["created"])
+
+
 # ---------------------------------------------------------------------------------------------------- control
 
 

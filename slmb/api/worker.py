@@ -85,6 +85,21 @@ def submit(conn: redis.Redis, request: Mapping[str, Any], *, task_id: str | None
     return task_id
 
 
+def enqueue_request(conn: redis.Redis, request: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                    *, queue: str | None = None) -> str:
+    """Validate a request (with ``slmb train``'s overrides) and :func:`submit` it. Raises
+    :class:`~slmb.core.validate.RequestInvalidError` listing every problem. Returns the task id."""
+    from slmb.core.trainer import apply_overrides
+    from slmb.core.validate import require_valid
+
+    body = apply_overrides(request, overrides) if isinstance(request, Mapping) else request
+    report = require_valid(body)
+    task_id = new_task_id()
+    if not report.request.model_name:  # the same default the trainer would pick
+        body["modelName"] = f"model-{task_id[:8]}"
+    return submit(conn, body, task_id=task_id, queue=queue)
+
+
 def load_request(conn: redis.Redis, task_id: str) -> dict[str, Any]:
     raw = conn.get(rev.request_key(task_id))
     if raw is None:
