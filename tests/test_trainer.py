@@ -1,5 +1,7 @@
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,9 +57,9 @@ def test_first_loss_is_close_to_ln_vocab():
 
 
 def test_overfits_one_batch(tmp_path):
-    text = (store.Path(__file__).parent.parent.parent / "shared" / "datasets" / "tiny_shakespeare" / "input.txt")
+    text = Path(os.environ["SLMB_DATA_DIR"], "tiny_shakespeare", "input.txt").read_text()
     data = tmp_path / "one_batch.txt"
-    data.write_text(text.read_text()[:4 * 32 + 1])  # exactly four windows of 32 = one batch of 4
+    data.write_text(text[:4 * 32 + 1])  # exactly four windows of 32 = one batch of 4
     body = toy_request(d=64, dataset=str(data), epochs=150, val_fraction=0, learning_rate=1e-2, lr_schedule="constant")
     result, events = run(body)
     assert result.state == "finished" and result.step == 150
@@ -162,7 +164,7 @@ def test_early_stopping_finishes_when_val_loss_stops_improving():
 
 
 def test_unsupported_dtype_falls_back_to_fp32_with_a_warning():
-    _, events = run(toy_request(max_steps=1, dtype="fp16"))
+    _, events = run(toy_request(max_steps=1, dtype="fp16", device="cpu"))  # fp16 needs CUDA
     warning = next(e for e in events if e.name == "warning")
     assert "fp16" in warning.message and "fp32" in warning.message
     assert next(e for e in events if e.name == "started").dtype == "fp32"
@@ -170,7 +172,7 @@ def test_unsupported_dtype_falls_back_to_fp32_with_a_warning():
 
 @pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
 def test_bf16_autocast_on_a_cpu_with_native_bf16():
-    _, events = run(toy_request(max_steps=2, dtype="bf16"))
+    _, events = run(toy_request(max_steps=2, dtype="bf16", device="cpu"))
     assert next(e for e in events if e.name == "started").dtype == "bf16"
     assert not [e for e in events if e.name == "warning"]
     assert abs(losses(events)[1] - math.log(257)) < 0.6

@@ -433,12 +433,14 @@ class _Loop:
 
         model.train()
         t0 = time.monotonic()
-        last_emit, tokens_since_emit, evaluated_at = 0.0, 0, -1
+        # tokens/s counts training time only (no evaluation, checkpoints or event handling); the ETA uses wall time.
+        last_emit, tokens_since_emit, busy_since_emit, evaluated_at = 0.0, 0, 0.0, -1
         stop_reason = None
         while st.step < total_steps:
             if self.control.stop_requested(self.task_id):
                 stop_reason = "requested"
                 break
+            t_step = time.monotonic()
             lr = get_lr(st.step, total_steps, cfg.learning_rate, min_lr, cfg.warmup_steps, cfg.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -471,6 +473,7 @@ class _Loop:
             st.epoch_loss_sum += loss_val
             st.epoch_loss_steps += 1
             tokens_since_emit += B * T * accum
+            busy_since_emit += time.monotonic() - t_step
 
             if st.step % steps_per_epoch == 0:
                 self.emit(ev.Epoch, epoch=epoch, step=st.step, epoch_loss=st.epoch_loss_sum / st.epoch_loss_steps)
@@ -492,8 +495,7 @@ class _Loop:
             now = time.monotonic()
             if (st.step == start_step + 1 or st.step == total_steps or stop_reason
                     or now - last_emit >= self.step_every_s):
-                dt = max(now - (last_emit or t0), 1e-9)
-                tps = tokens_since_emit / dt
+                tps = tokens_since_emit / max(busy_since_emit, 1e-9)
                 done = st.step - start_step
                 eta = (now - t0) / done * (total_steps - st.step)
                 self.emit(ev.Step, step=st.step, total_steps=total_steps, epoch=epoch, loss=loss_val, lr=lr,
@@ -502,7 +504,7 @@ class _Loop:
                           progress=100.0 * st.step / total_steps, epoch=epoch, epochs=cfg.epochs, loss=loss_val,
                           loss_ema=st.loss_ema, val_loss=st.val_loss, lr=lr, tokens_per_sec=tps,
                           elapsed_s=self.elapsed(), eta_s=eta)
-                last_emit, tokens_since_emit = now, 0
+                last_emit, tokens_since_emit, busy_since_emit = now, 0, 0.0
             if stop_reason == "early_stopping":
                 break
             if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total_steps:
