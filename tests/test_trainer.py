@@ -131,6 +131,8 @@ def test_stop_and_resume_give_the_losses_of_an_uninterrupted_run():
     # The run's log holds both sessions; following it reads through the stop to the end.
     log = [e.name for e in ev.follow_events(store.run_dir(task_id).events, timeout_s=5)]
     assert log.count("started") == 2 and log[-1] == "finished" and "stopped" in log
+    with pytest.raises(store.StoreError, match="has finished"):
+        train(None, task_id=task_id, resume=True, track=False)
 
 
 def test_a_run_stopped_while_queued_stops_before_training():
@@ -202,9 +204,10 @@ def test_a_hard_interrupt_still_ends_the_log():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run(toy_request(max_steps=10), task_id=task_id, sinks=[ev.CallbackSink(interrupt)])
+        run(toy_request(max_steps=10, checkpoint_every=1), task_id=task_id, sinks=[ev.CallbackSink(interrupt)])
     last = ev.read_events(store.run_dir(task_id).events)[-1]
     assert last.name == "stopped" and last.reason == "interrupted"
+    assert last.checkpoint.endswith("step-00000001")  # the step-2 checkpoint was never written
 
 
 def test_training_is_tracked_in_mlflow(monkeypatch):

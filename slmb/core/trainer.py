@@ -283,6 +283,8 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
         run = run_dir(task_id)
         if not run.exists():
             raise StoreError(f"no run {task_id!r} to resume in {run.path.parent}")
+        if (control.read_status(task_id) or {}).get("state") == "finished":
+            raise StoreError(f"run {task_id} has finished; there is nothing to resume")
         if request is None:
             request = read_json(run.request)
     elif request is None:
@@ -310,10 +312,13 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
     try:
         return loop.run(resume)
     except KeyboardInterrupt:
-        # A second Ctrl-C: leave at once, without a checkpoint, but still end the log.
-        control.write_status(run.task_id, "stopped", step=loop.state.step, checkpoint=None)
+        # A second Ctrl-C: leave at once without saving, but still end the log (with an earlier checkpoint, if any).
+        ckpt = latest_checkpoint(run)
+        checkpoint = str(ckpt) if ckpt else None
+        control.write_status(run.task_id, "stopped", step=loop.state.step, checkpoint=checkpoint)
         emitter.emit(ev.Status(task_id=run.task_id, state="stopped", message="interrupted"))
-        emitter.emit(ev.Stopped(task_id=run.task_id, step=loop.state.step, reason="interrupted"))
+        emitter.emit(ev.Stopped(task_id=run.task_id, step=loop.state.step, checkpoint=checkpoint,
+                                reason="interrupted"))
         raise
     except Exception as exc:
         control.write_status(run.task_id, "error", message=str(exc), error_type=type(exc).__name__)
