@@ -39,13 +39,18 @@ class Control(Protocol):
     def register_process(self, task_id: str, pid: int | None = None) -> None: ...
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks (Linux), to tell a live trainer from a recycled pid."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (Linux), or None without /proc."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return None
-    return stat.rpartition(")")[2].split()[19]
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks, to tell a live trainer from a recycled pid."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
 
 
 def _alive(pid: int, start_time: str | None) -> bool:
@@ -55,9 +60,8 @@ def _alive(pid: int, start_time: str | None) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
+    fields = _proc_stat(pid)
+    if fields is None:
         return True  # no /proc (macOS): the pid answering is all we can know
     if fields[0] == "Z":  # a zombie has exited; only its parent has not reaped it yet
         return False

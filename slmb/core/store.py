@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -242,18 +243,13 @@ def save_completed(name: str, request: Mapping[str, Any], state_dict: Mapping[st
         _fsync_path(link.parent)
 
         for stale in versions.iterdir():
-            if stale != vdir:
-                _remove(stale)
+            if stale == vdir:
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
     return link
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        for child in path.iterdir():
-            _remove(child)
-        path.rmdir()
-    else:
-        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

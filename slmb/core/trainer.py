@@ -22,6 +22,7 @@ import ctypes
 import math
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -220,11 +221,10 @@ def save_checkpoint(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer
                                       "optimizer_scalars": scalars,
                                       "scaler": scaler.state_dict() if scaler is not None else None})
     os.rename(tmp, final)
-    for old in run.checkpoints.glob("step-*"):
+    # Only the newest checkpoint is kept, and a temporary one a killed process left behind goes too.
+    for old in [*run.checkpoints.glob("step-*"), *run.checkpoints.glob(".tmp-step-*")]:
         if old != final:
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
