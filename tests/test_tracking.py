@@ -82,10 +82,12 @@ def test_a_resumed_task_continues_its_mlflow_run(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     client = tracking.client()
     first = tracking.start_run("task-2", REQUEST, client)
+    client.set_terminated(first[1], "KILLED")  # as a stopped run ends
     changed = {**REQUEST, "config": {**REQUEST["config"], "max_steps": 50, "epochs": 3}}
     assert tracking.start_run("task-2", changed, client) == first
-    params = client.get_run(first[1]).data.params
-    assert params["epochs"] == "2" and params["max_steps"] == "50"
+    run = client.get_run(first[1])
+    assert run.data.params["epochs"] == "2" and run.data.params["max_steps"] == "50"
+    assert run.info.status == "RUNNING"
 
 
 def test_an_unreachable_server_is_one_quick_warning(monkeypatch):
