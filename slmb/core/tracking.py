@@ -128,6 +128,7 @@ def start_run(task_id: str, request: Mapping[str, Any], mlflow_client: Any = Non
     if found:
         run_id = found[0].info.run_id
         logged = found[0].data.params
+        mlflow_client.update_run(run_id, status="RUNNING")  # a stopped run ended KILLED; it trains again
     else:
         model_name = str(request.get("modelName") or request.get("model_name") or "")
         tags = {"task_id": task_id, "model_name": model_name, "training_status": "queued"}
