@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# \Z, not $: "$" also matches before a trailing newline, and "ex1\n" must not name a file.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 # Keys the canvas adds for its own UI; accepted on every node and ignored without a warning.
 UI_KEYS = frozenset({"id", "label", "isCollapsed", "isLocked", "hideHandles", "inDim", "outDim", "vocabSize",
@@ -34,7 +35,8 @@ def _drop_nulls(value: Any) -> Any:
 
 
 class _Data(BaseModel):
-    model_config = ConfigDict(extra="allow", populate_by_name=True, str_strip_whitespace=True)
+    # JSON has no NaN or Infinity; Python's json module reads them anyway, and no layer wants one.
+    model_config = ConfigDict(extra="allow", populate_by_name=True, str_strip_whitespace=True, allow_inf_nan=False)
 
     id: str | None = None
 
@@ -52,7 +54,7 @@ Rate = Annotated[float, Field(ge=0.0, lt=1.0)]
 class RopeConfig(BaseModel):
     """Llama-3 style frequency scaling (HF ``rope_scaling`` with ``rope_type`` "llama3")."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     factor: float | None = Field(default=None, gt=0)
     low_freq_factor: float | None = Field(default=None, gt=0)
@@ -217,6 +219,8 @@ class DropoutData(_Data):
 class _Node(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    _clean = model_validator(mode="before")(classmethod(lambda cls, v: _drop_nulls(v)))
+
     def unknown_keys(self) -> list[str]:
         return sorted(k for k in (self.model_extra or {}) if k not in UI_KEYS)
 
@@ -259,7 +263,7 @@ TransformerBlockNode.model_rebuild()
 class Config(BaseModel):
     """``config``: the canvas's documentation keys plus slmb's optional training keys (DESIGN.md §2.1)."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     # Keys the canvas sends. The architecture comes from the nodes; these document it for the UI.
     model: str = "gpt-2"
@@ -295,7 +299,7 @@ class Config(BaseModel):
     eval_every: Annotated[int, Field(ge=1)] = 100
     eval_batches: Annotated[int, Field(ge=1)] = 20
     early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
-    seed: int = 1337
+    seed: Annotated[int, Field(ge=0, lt=1 << 64)] = 1337  # what torch.manual_seed and numpy both take
     device: str = "auto"
     compile: bool = False
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
@@ -343,6 +347,8 @@ class TrainRequest(BaseModel):
     dataset_config: str | None = "default"
     model_name: str | None = Field(default=None, validation_alias=AliasChoices("modelName", "model_name"),
                                    serialization_alias="modelName")
+
+    _clean = model_validator(mode="before")(classmethod(lambda cls, v: _drop_nulls(v)))
 
     @field_validator("model_name")
     @classmethod

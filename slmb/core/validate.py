@@ -7,6 +7,8 @@ output shapes and a memory estimate without allocating any weights.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -140,9 +142,15 @@ def _too_deep(body: Any) -> Issue | None:
 
 
 def _short(value: Any, limit: int = 80) -> Any:
+    if isinstance(value, int) and value.bit_length() > 64:
+        # Python will not print an int of more than 4300 digits, and no field takes one: give its magnitude.
+        return f"{'-' if value < 0 else ''}~10^{int(value.bit_length() * math.log10(2))}"
     if isinstance(value, bool | int | float) or value is None:
         return value
-    text = value if isinstance(value, str) else repr(value)
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except ValueError:  # such an int inside a list or object
+        text = f"<{type(value).__name__} holding a number too long to print>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -170,7 +178,8 @@ def _schema_issue(err: dict) -> Issue:
             expected = f"{op} {ctx[key]}" if expected is None else f"{expected} and {op} {ctx[key]}"
     if "expected" in ctx:
         expected = f"one of {ctx['expected']}"
-    return Issue(path, msg, expected=expected, found=found, hint=_TYPE_HINTS.get(kind))
+    hint = _TYPE_HINTS.get(kind) or _FIELD_HINTS.get(str(parts[-1]) if parts else "")
+    return Issue(path, msg, expected=expected, found=found, hint=hint)
 
 
 _MISSING_HINTS = {
@@ -181,8 +190,15 @@ _TYPE_HINTS = {
     "int_parsing": "send a whole number", "int_type": "send a whole number",
     "int_from_float": "send a whole number", "float_parsing": "send a number", "bool_parsing": "send true or false",
     "list_type": "send a JSON array", "model_type": "send a JSON object", "dict_type": "send a JSON object",
-    "too_short": "the list may not be empty",
+    "model_attributes_type": "send a JSON object", "too_short": "the list may not be empty",
+    "float_type": "send a number", "bool_type": "send true or false", "string_type": "send a string",
+    "string_too_short": "the text may not be empty", "string_unicode": "send valid UTF-8 text",
+    "finite_number": "JSON has no NaN or Infinity: send a finite number",
+    "literal_error": "use one of the listed values",
+    "less_than_equal": "the limit keeps a typo (an extra zero) from building a model nobody meant",
 }
+# value_error messages come from the spec's own validators; say how to fix them.
+_FIELD_HINTS = {"modelName": 'use letters, digits, ".", "_" and "-" (it names files), e.g. "my-model.v2"'}
 
 
 # -- semantic checks ----------------------------------------------------------------------------------------
@@ -269,7 +285,8 @@ def check_heads(p: Plan) -> Iterator[Issue]:
         if not explicit_head_dim and E % a["num_heads"]:
             yield Issue(_data(node, "numHeads"), f"embedding width {E} is not divisible by numHeads",
                         expected=f"a divisor of {E}", found=a["num_heads"],
-                        hint="or set headDim explicitly (gqAttention)" if node.type == "gqAttention" else None)
+                        hint="each head takes embDim / numHeads channels"
+                        + (", or set headDim explicitly" if node.type == "gqAttention" else ""))
         if node.type == "gqAttention" and a["num_heads"] % a["num_kv_heads"]:
             yield Issue(_data(node, "numKvGroups"), "numHeads must be a multiple of numKvGroups (the KV heads)",
                         expected=f"a divisor of {a['num_heads']}", found=a["num_kv_heads"],
@@ -292,35 +309,42 @@ def check_context(p: Plan) -> Iterator[Issue]:
 
 @check("residual_sources")
 def check_residuals(p: Plan) -> Iterator[Issue]:
-    yield from _residuals_in(p.nodes, p)
+    yield from _residuals_in(p.nodes, {n.spec.data.id for n in p.walk()})
 
 
-def _residuals_in(scope: list[PlanNode], p: Plan) -> Iterator[Issue]:
+def _residuals_in(scope: list[PlanNode], all_ids: set) -> Iterator[Issue]:
+    # The id lists are built once per scope: a canvas with thousands of residuals must not validate in O(n²).
+    ids = [n.spec.data.id for n in scope]
+    counts = Counter(ids)
     for pos, node in enumerate(scope):
-        yield from _residuals_in(node.children, p)
+        yield from _residuals_in(node.children, all_ids)
         if node.type != "residual":
             continue
         a, path = node.args, _data(node, "source")
-        ids = [n.spec.data.id for n in scope]
         earlier = [i for i in ids[:pos] if i]
         hint = f"earlier nodes in this scope: {', '.join(earlier[:8])}" if earlier else "no earlier node here"
         if a["index"] is None:
             where = "is not a node in this scope"
             if a["target"] == node.spec.data.id:
                 where = "points at the residual itself"
-            elif a["target"] in ids:
+            elif a["target"] in counts:
                 where = "comes later in this scope"
-            elif any(n.spec.data.id == a["target"] for n in p.walk()):
+            elif a["target"] in all_ids:
                 where = "is in another scope (a residual joins nodes of the same chain or block copy)"
             yield Issue(path, f"residual source '{a['target']}' {where}", expected="an earlier node's id",
                         found=_short(node.spec.data.source), hint=hint)
             continue
-        if ids.count(a["target"]) > 1:
+        if counts[a["target"]] > 1:
             yield Issue(path, f"residual source '{a['target']}' names more than one node", expected="a unique id",
                         found=_short(node.spec.data.source), hint="give every node its own id")
         src = scope[a["index"]]
         width = src.in_width if a["which"] == "in" else src.out_width
-        if None not in (width, node.in_width) and width != node.in_width:
+        if width is None and node.in_width is not None:
+            # The input of the token embedding is the ids [B, T], not a hidden state.
+            yield Issue(path, f"residual source '{a['target']}' is the token ids, not a hidden state",
+                        expected="a node after the token embedding, or its output", found=_short(node.spec.data.source),
+                        hint=f"use '{a['target']}:out' for the embedding's output")
+        elif None not in (width, node.in_width) and width != node.in_width:
             yield Issue(path, f"residual adds a width-{width} skip to a width-{node.in_width} hidden state",
                         expected=str(node.in_width), found=width, hint="residuals join tensors of the same width")
 
@@ -403,7 +427,8 @@ def check_tokenizer(p: Plan) -> Iterator[Issue]:
     elif c.tokenizer and canonical_tokenizer_name(c.tokenizer) is None and not _looks_like_path(c.tokenizer):
         yield Issue("/config/tokenizer", f"unknown tokenizer {c.tokenizer!r}",
                     expected="gpt2, llama2, llama3, qwen3, byte or a path to a tokenizer file",
-                    found=_short(c.tokenizer))
+                    found=_short(c.tokenizer), hint='a tokenizer file path needs a "/" or a .model, .tiktoken or .json '
+                    "ending")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -413,9 +438,9 @@ def _looks_like_path(value: str) -> bool:
 @check("effects")
 def check_effects(p: Plan) -> Iterator[Issue]:
     flat = list(p.walk())
+    last_attention = max((i for i, n in enumerate(flat) if n.type in ("mhAttention", "gqAttention")), default=-1)
     for i, node in enumerate(flat):
-        later_attention = any(n.type in ("mhAttention", "gqAttention") for n in flat[i + 1:])
-        if node.type == "positionalEmbedding" and node.args["mode"] in ("rotary", "relative") and not later_attention:
+        if node.type == "positionalEmbedding" and node.args["mode"] in ("rotary", "relative") and i > last_attention:
             yield Issue(_data(node, "posType"), f"{node.args['mode']} position mode with no attention after it",
                         severity="warning", hint="it only changes later attention nodes")
     if not any(n.type in ("positionalEmbedding",) for n in flat) and not any(
@@ -472,9 +497,9 @@ def check_unknown(p: Plan) -> Iterator[Issue]:
                     hint="see `slmb schema` for the keys slmb reads")
     for node in p.walk():
         for key in node.spec.unknown_keys():
-            yield Issue(f"{node.ptr}/{key}", f"unknown node key '{key}' is ignored", severity="warning")
+            yield Issue(node.ptr + pointer(key), f"unknown node key '{key}' is ignored", severity="warning")
         for key in node.spec.data.unknown_keys():
-            yield Issue(f"{node.ptr}/data/{key}", f"unknown {node.type} field '{key}' is ignored",
+            yield Issue(node.ptr + pointer("data", key), f"unknown {node.type} field '{key}' is ignored",
                         severity="warning", hint="see `slmb schema` for the fields of each node type")
 
 
