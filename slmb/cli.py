@@ -35,6 +35,8 @@ def read_request(path: Path) -> Any:
         _fail(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", EXIT_UNREADABLE)
     except RecursionError:
         _fail(f"{path} nests too deeply to parse", EXIT_UNREADABLE)
+    except ValueError as exc:  # e.g. an integer literal longer than Python will convert
+        _fail(f"{path} is not valid JSON: {exc}", EXIT_UNREADABLE)
 
 
 def _fail(message: str, code: int) -> None:
@@ -57,9 +59,10 @@ def validate(file: Path = typer.Argument(..., help="request JSON (the body the c
 
     Exit code 0 when valid, 1 when invalid (every error is printed), 2 when the file cannot be read.
     """
+    body = read_request(file)  # before the heavy imports: an unreadable file fails at once
     from slmb.core.validate import validate as run_validation
 
-    report = run_validation(read_request(file))
+    report = run_validation(body)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
