@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(SLMB) validate examples/gpt2.json
+	$(SLMB) train examples/gpt2.json
+	$(SLMB) generate gpt2-shakespeare "ROMEO:" --max-length 200 --seed 0
 
 lint: setup
 	$(VENV)/bin/ruff check slmb tests bench
