@@ -31,7 +31,7 @@ from slmb.api.serve import free_port
 
 TERMINAL = ("finished", "stopped", "error")
 # Tight intervals so dead workers, keep-alives and stops show within a second or two.
-FAST = {"SLMB_HEARTBEAT_S": "0.5", "SLMB_REAP_INTERVAL_S": "0.5", "SLMB_SSE_KEEPALIVE": "1",
+FAST = {"SLMB_HEARTBEAT_S": "1", "SLMB_REAP_INTERVAL_S": "0.5", "SLMB_SSE_KEEPALIVE": "1",
         "SLMB_STOP_WAIT_S": "15"}
 
 

@@ -59,7 +59,7 @@ def test_train_response_has_the_old_backends_keys(trained, service):
     assert body["training_config"] == {"dataset": "tiny_shakespeare", "dataset_config": "default", "epochs": 1}
 
 
-def test_every_client_receives_every_event_in_order(trained):
+def test_every_client_receives_every_event_in_order(trained, service):
     streams = [events_of(s) for s in trained["streams"]]
     assert len(streams) == CLIENTS
     first = streams[0]
@@ -73,6 +73,7 @@ def test_every_client_receives_every_event_in_order(trained):
     assert {m["data"]["task_id"] for m in first} == {trained["task_id"]}
     finished = first[-1]["data"]
     assert finished["step"] == 20 and finished["model_name"] == "tiny-api"
+    assert mlflow_state(service, trained["task_id"]) == ("FINISHED", "finished")
     # Everyone got the same events (the per-client `connected` aside).
     for stream in streams[1:]:
         assert [(m["id"], m["event"]) for m in stream[1:]] == [(m["id"], m["event"]) for m in first[1:]]
@@ -192,6 +193,16 @@ def test_health_and_openapi(service):
         assert client.get("/docs").status_code == 200
 
 
+def mlflow_state(service, task_id: str) -> tuple[str, str]:
+    """(run status, training_status tag) of a task's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(service.mlflow_uri)
+    experiment = client.get_experiment_by_name("slmb")
+    run = client.search_runs([experiment.experiment_id], f"tags.task_id = '{task_id}'")[0]
+    return run.info.status, run.data.tags["training_status"]
+
+
 def _blocked_clients(conn) -> int:
     """Redis connections blocked in a command (the SSE route's XREAD BLOCK)."""
     return sum(1 for c in conn.client_list() if "b" in c.get("flags", ""))
@@ -237,6 +248,9 @@ def test_stop_while_queued_then_cooperative_stop(service):
         models = {m["model_name"] for m in client.get("/api/v1/completed-models").json()["models"]}
         assert "long-coop" not in models and "queued-one" not in models
         assert Job.fetch(queued, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.CANCELED
+        # Both MLflow runs are closed: one by its trainer, the cancelled one by the API.
+        assert mlflow_state(service, queued) == ("KILLED", "stopped")
+        assert mlflow_state(service, running) == ("KILLED", "stopped")
 
 
 def test_force_stop_kills_the_job_and_the_stream_still_ends_with_stopped(service):
@@ -250,7 +264,10 @@ def test_force_stop_kills_the_job_and_the_stream_still_ends_with_stopped(service
         assert events[-1]["data"]["reason"] == "force" and events[-1]["data"]["step"] >= 1
         assert "stop_requested" in [m["event"] for m in events]
         conn = service.redis()
-        assert Job.fetch(task_id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.STOPPED
+        # RQ files the job as stopped just after the worker's stop callback has ended the stream.
+        job = Job.fetch(task_id, connection=conn, serializer=JSONSerializer)
+        wait_until(lambda: job.get_status() == JobStatus.STOPPED, 10, "RQ to file the job as stopped")
+        assert mlflow_state(service, task_id) == ("KILLED", "stopped")
         # The worker survives a forced stop and takes the next job.
         health = wait_until(lambda: (h := client.get("/healthz").json())["workers"]["workers"][0]["state"] == "idle"
                             and h, 15, "the worker to be idle again")
@@ -282,4 +299,22 @@ def test_a_worker_killed_mid_training_fails_the_job_with_an_error_event(service)
         job = Job.fetch(task_id, connection=conn, serializer=JSONSerializer)
         assert job.get_status() == JobStatus.FAILED
         assert rev.celery_state(conn, task_id) == "FAILURE"
+        assert mlflow_state(service, task_id) == ("FAILED", "error")
         assert "doomed" not in {m["model_name"] for m in client.get("/api/v1/completed-models").json()["models"]}
+
+
+def test_a_training_process_that_dies_fails_the_job_and_its_worker_carries_on(service):
+    """The work-horse dies (as under the OOM killer); its worker notices at once and ends the stream with
+    `error`."""
+    from slmb.api import redis_events as rev
+
+    conn = service.redis()
+    with service.client() as client:
+        task_id = submit_and_wait(client, tiny_request("oom", max_steps=100_000))
+        os.kill(rev.RedisControl(conn).read_status(task_id)["pid"], signal.SIGKILL)
+        events = events_of(read_sse(client, f"/api/v1/events/{task_id}", timeout=30))
+        assert events[-1]["event"] == "error" and events[-1]["data"]["type"] == "ProcessDied"
+        assert events[-1]["data"]["message"].startswith("the training process was killed by SIGKILL")
+        assert rev.celery_state(conn, task_id) == "FAILURE"
+        wait_until(lambda: client.get("/healthz").json()["workers"]["workers"][0]["state"] == "idle", 15,
+                   "the worker to be idle again")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ from rq.serializers import JSONSerializer
 from slmb.core import events as ev
 from slmb.core.control import DONE_STATES, State
 from slmb.core.store import StoreError, check_task_id
+
+log = logging.getLogger("slmb.api")
 
 RUNNING = "slmb:running"
 STREAM_MAXLEN_ENV, TASK_TTL_ENV = "SLMB_STREAM_MAXLEN", "SLMB_TASK_TTL_S"
@@ -278,12 +281,27 @@ class RedisControl:
         # If a worker took the job in the meantime, the flag stops it before its first step; either way the
         # stream ends here, and whatever the trainer emits later is dropped.
         message = "cancelled before it started"
-        self.write_status(task_id, "stopped", message=message)
-        for event in (ev.StopRequested(task_id=task_id, force=force),
-                      ev.Status(task_id=task_id, state="stopped", message=message),
-                      ev.Stopped(task_id=task_id, reason="cancelled")):
-            append_event(self.conn, event)
+        self._end(task_id, {"message": message}, ev.StopRequested(task_id=task_id, force=force),
+                  ev.Status(task_id=task_id, state="stopped", message=message),
+                  ev.Stopped(task_id=task_id, reason="cancelled"))
         return self._answer(task_id, mode, message)
+
+    def _end(self, task_id: str, status: dict[str, Any], *events: ev.Event) -> None:
+        """End a run from outside its trainer: the status, the task's MLflow run (which its trainer will never
+        close), then ``events``, the last one terminal. As with the trainer, a client that sees the terminal
+        event finds MLflow up to date. Nothing happens if the run has already ended."""
+        if terminal_event(self.conn, task_id):
+            return
+        state = events[-1].name
+        self.write_status(task_id, state, **status)
+        from slmb.core import tracking
+
+        try:
+            tracking.end_run(task_id, state)
+        except Exception as exc:  # tracking never decides how a run ends
+            log.warning("task %s: could not close its MLflow run: %s", task_id, exc)
+        for event in events:
+            append_event(self.conn, event)
 
     def _answer(self, task_id: str, mode: str, message: str) -> dict[str, Any]:
         state = (self.read_status(task_id) or {}).get("state", "queued")
@@ -294,22 +312,20 @@ class RedisControl:
         """End the stream of a task whose process was killed: ``stop_forced``, ``status``, ``stopped`` with
         the last step and checkpoint the stream shows (a killed trainer writes nothing more itself)."""
         step = checkpoint = None
-        for _, fields in self.conn.xrevrange(events_key(task_id), count=200):
+        for _, fields in self.conn.xrevrange(events_key(task_id)):  # at most ~MAXLEN entries
             wire = json.loads(fields[b"json"])
             data = wire.get("data") or {}
             if checkpoint is None and wire["event"] == "checkpoint":
                 checkpoint = data.get("path")
             if step is None and "step" in data and wire["event"] in ("step", "progress", "checkpoint"):
                 step = data["step"]
-        self.write_status(task_id, "stopped", step=step, checkpoint=checkpoint, message=message)
-        for event in (ev.StopForced(task_id=task_id, message=message),
-                      ev.Status(task_id=task_id, state="stopped", message=message),
-                      ev.Stopped(task_id=task_id, step=step, checkpoint=checkpoint, reason="force")):
-            append_event(self.conn, event)
+        self._end(task_id, {"step": step, "checkpoint": checkpoint, "message": message},
+                  ev.StopForced(task_id=task_id, message=message),
+                  ev.Status(task_id=task_id, state="stopped", message=message),
+                  ev.Stopped(task_id=task_id, step=step, checkpoint=checkpoint, reason="force"))
 
     def close_failed(self, task_id: str, message: str, error_type: str) -> None:
         """End the stream of a task that failed outside the trainer (its process died, RQ failed the job)."""
-        self.write_status(task_id, "error", message=message)
-        for event in (ev.Status(task_id=task_id, state="error", message=message),
-                      ev.Error(task_id=task_id, message=message, type=error_type)):
-            append_event(self.conn, event)
+        self._end(task_id, {"message": message, "error_type": error_type},
+                  ev.Status(task_id=task_id, state="error", message=message),
+                  ev.Error(task_id=task_id, message=message, type=error_type))

@@ -7,9 +7,11 @@ Redis and enqueues :func:`train_job`; a worker (``slmb worker``) forks a work-ho
 How a run ends when the trainer cannot say so itself:
 - forced stop: RQ kills the work-horse and calls :func:`on_stopped` in the worker, which ends the stream
   with ``stop_forced`` and ``stopped``;
-- the worker is killed: the work-horse dies with it (``PR_SET_PDEATHSIG``), its heartbeat key expires, and
-  :func:`reap_dead_tasks` (run by the API every few seconds and by ``slmb train --queue`` while it follows)
-  fails the job and ends the stream with ``error``. RQ's own abandoned-job check waits over a minute.
+- the work-horse dies (OOM killer, a crash): its worker sees it at once and ends the stream with ``error``;
+- the worker is killed: the work-horse dies with it (``PR_SET_PDEATHSIG``), the liveness key the worker
+  renewed expires, and :func:`reap_dead_tasks` (run by the API every few seconds and by ``slmb train
+  --queue`` while it follows) fails the job and ends the stream with ``error``. RQ's own abandoned-job check
+  would take over a minute.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -39,8 +40,9 @@ from slmb.core.store import new_task_id
 log = logging.getLogger("slmb.worker")
 
 QUEUE_ENV, DEFAULT_QUEUE = "SLMB_QUEUE", "slmb"
-HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "SLMB_HEARTBEAT_S", 2.0
-HEARTBEAT_MISSES = 5  # the heartbeat key lives this many intervals: a busy step never looks like a death
+HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "SLMB_HEARTBEAT_S", 2  # whole seconds: RQ's monitor uses alarm(2)
+HEARTBEAT_MISSES = 3  # the liveness key lives this many intervals
+FINALIZE_TTL_S = 120  # liveness granted to a worker's stop/failure callback, which may wait on MLflow
 JOB_TIMEOUT_ENV = "SLMB_JOB_TIMEOUT_S"  # RQ's default of 180 s would kill every real training run
 
 
@@ -48,8 +50,8 @@ def queue_name() -> str:
     return os.environ.get(QUEUE_ENV) or DEFAULT_QUEUE
 
 
-def heartbeat_s() -> float:
-    return float(os.environ.get(HEARTBEAT_ENV) or DEFAULT_HEARTBEAT_S)
+def heartbeat_s() -> int:
+    return max(1, int(os.environ.get(HEARTBEAT_ENV) or DEFAULT_HEARTBEAT_S))
 
 
 def get_queue(conn: redis.Redis, name: str | None = None) -> Queue:
@@ -120,14 +122,13 @@ def train_job(task_id: str) -> dict[str, Any]:
         return {"task_id": task_id, "state": rev.terminal_event(conn, task_id)}
     from slmb.core.trainer import train
 
-    with _Heartbeat(conn, task_id):
-        try:
-            result = train(load_request(conn, task_id), task_id=task_id, sinks=[rev.RedisEventSink(conn, task_id)],
-                           control=control)
-        except Exception as exc:
-            # The trainer reports its own errors; this covers what fails before it can (a missing request).
-            control.close_failed(task_id, f"{type(exc).__name__}: {exc}", type(exc).__name__)
-            raise
+    try:
+        result = train(load_request(conn, task_id), task_id=task_id, sinks=[rev.RedisEventSink(conn, task_id)],
+                       control=control)
+    except Exception as exc:
+        # The trainer reports its own errors; this covers what fails before it can (a missing request).
+        control.close_failed(task_id, f"{type(exc).__name__}: {exc}", type(exc).__name__)
+        raise
     return _jsonable(result)
 
 
@@ -139,6 +140,7 @@ def _jsonable(result: Any) -> dict[str, Any]:
 
 def on_stopped(job: Any, connection: redis.Redis) -> None:
     """RQ killed the work-horse on ``send_stop_job_command``: end the stream as the trainer would have."""
+    beat(connection, job.id, FINALIZE_TTL_S)
     rev.RedisControl(connection).close_forced(job.id, "the training process was killed (force_kill)")
 
 
@@ -148,6 +150,7 @@ def on_failure(job: Any, connection: redis.Redis, exc_type: type, exc_value: Bas
     message = str(exc_value) or exc_type.__name__
     if exc_type.__name__ == "AbandonedJobError":
         message = "the worker running this task was lost"
+    beat(connection, job.id, FINALIZE_TTL_S)
     rev.RedisControl(connection).close_failed(job.id, message, exc_type.__name__)
 
 
@@ -168,35 +171,40 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
-class _Heartbeat:
-    """Renews ``slmb:task:<id>:alive`` from a thread while the job runs, and marks the task as running."""
+def beat(conn: redis.Redis, task_id: str, ttl_s: float | None = None) -> None:
+    """Renew a task's liveness key (``slmb:task:<id>:alive``)."""
+    conn.set(rev.alive_key(task_id), os.getpid(), px=int((ttl_s or heartbeat_s() * HEARTBEAT_MISSES) * 1000))
 
-    def __init__(self, conn: redis.Redis, task_id: str):
-        self.conn, self.task_id = conn, task_id
-        self.every_s = heartbeat_s()
-        self.ttl_ms = int(self.every_s * HEARTBEAT_MISSES * 1000)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{task_id}", daemon=True)
 
-    def __enter__(self) -> _Heartbeat:
-        with self.conn.pipeline() as pipe:  # one transaction: a running task always has a live key at first
-            pipe.set(rev.alive_key(self.task_id), os.getpid(), px=self.ttl_ms)
-            pipe.sadd(rev.RUNNING, self.task_id)
+class TrainingWorker(Worker):
+    """RQ's forking worker, renewing the liveness key of the task it runs from its own process (not the
+    work-horse's): a horse busy in a long call that holds the GIL (``torch.compile``) never looks dead, a dead
+    horse is handled by this worker (RQ's failure callback), and a dead worker stops the key."""
+
+    def execute_job(self, job: Any, queue: Queue) -> None:
+        with self.connection.pipeline() as pipe:  # one transaction: a running task always has a live key
+            pipe.sadd(rev.RUNNING, job.id)
+            pipe.set(rev.alive_key(job.id), os.getpid(), px=heartbeat_s() * HEARTBEAT_MISSES * 1000)
             pipe.execute()
-        self._thread.start()
-        return self
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.connection.delete(rev.alive_key(job.id))
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.conn.set(rev.alive_key(self.task_id), os.getpid(), px=self.ttl_ms)
-            except redis.RedisError as exc:  # Redis away for a moment: the next beat may get through
-                log.warning("heartbeat of %s failed: %s", self.task_id, exc)
+    def maintain_heartbeats(self, job: Any, execution: Any) -> None:
+        super().maintain_heartbeats(job, execution)
+        beat(self.connection, job.id)
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.conn.delete(rev.alive_key(self.task_id))
+    def handle_work_horse_killed(self, job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
+        """The work-horse died without being asked to (RQ calls no failure callback for that)."""
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        if ret_val and os.WIFSIGNALED(ret_val):
+            sig = signal.Signals(os.WTERMSIG(ret_val))
+            how = f"was killed by {sig.name}" + (" (often the out-of-memory killer)" if sig == signal.SIGKILL else "")
+        else:
+            how = f"exited with status {os.waitstatus_to_exitcode(ret_val) if ret_val is not None else '?'}"
+        beat(self.connection, job.id, FINALIZE_TTL_S)
+        rev.RedisControl(self.connection).close_failed(job.id, f"the training process {how}", "ProcessDied")
 
 
 def reap_dead_tasks(conn: redis.Redis) -> list[str]:
@@ -212,8 +220,8 @@ def reap_dead_tasks(conn: redis.Redis) -> list[str]:
             continue
         if conn.exists(rev.alive_key(task_id)):
             continue
-        message = (f"the training process stopped responding (no heartbeat for {heartbeat_s() * HEARTBEAT_MISSES:g} "
-                   "s): its worker was killed or lost")
+        message = (f"no heartbeat from the task's worker for {heartbeat_s() * HEARTBEAT_MISSES} s: the worker "
+                   "was killed or lost, or the job ended without a final event")
         job = rev.fetch_job(conn, task_id)
         if job is not None and job.get_status() == JobStatus.STARTED:
             with conn.pipeline() as pipe:
@@ -244,6 +252,6 @@ def run_worker(redis_url: str, queues: list[str] | None = None, *, burst: bool =
     """Run an RQ worker on ``queues`` (default: ``$SLMB_QUEUE`` or ``slmb``) until it is stopped."""
     conn = rev.connect(redis_url)
     preload()
-    worker = Worker([get_queue(conn, q) for q in (queues or [queue_name()])], connection=conn,
-                    serializer=JSONSerializer, name=name)
+    worker = TrainingWorker([get_queue(conn, q) for q in (queues or [queue_name()])], connection=conn,
+                            serializer=JSONSerializer, name=name, job_monitoring_interval=heartbeat_s())
     return worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
