@@ -1,4 +1,4 @@
-"""Bearer token, CORS and error hiding, on the app in-process (TestClient) with the test stack's Redis."""
+"""Bearer token, CORS and error handling, on the app in-process (TestClient) with the test stack's Redis."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def app_client(service, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", service.mlflow_uri)
 
     def make(**settings) -> TestClient:
-        app = create_app(Settings(redis_url=service.redis_url, **settings))
+        app = create_app(Settings(**{"redis_url": service.redis_url, **settings}))
         return TestClient(app, raise_server_exceptions=False)
 
     return make
@@ -64,6 +64,21 @@ def test_a_500_never_shows_the_exception(app_client, monkeypatch, caplog):
     # The log has it all, under the same request id.
     logged = [r for r in caplog.records if body["request_id"] in r.getMessage()]
     assert logged and "hunter2" in str(logged[0].exc_info[1])
+
+
+def test_redis_down_is_a_503_and_leaves_no_running_mlflow_run(app_client, service):
+    from mlflow.tracking import MlflowClient
+    from service_fixtures import tiny_request
+
+    from slmb.api.serve import free_port
+
+    with app_client(redis_url=f"redis://127.0.0.1:{free_port()}/0") as client:
+        resp = client.post("/api/v1/train-complete-model", json=tiny_request("no-redis"))
+        assert resp.status_code == 503 and "Redis" in resp.json()["detail"] and resp.json()["request_id"]
+        assert client.get("/healthz").status_code == 503
+    mlflow = MlflowClient(service.mlflow_uri)
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("slmb").experiment_id], "tags.model_name = 'no-redis'")
+    assert [(r.info.status, r.data.tags["training_status"]) for r in runs] == [("FAILED", "error")]
 
 
 @pytest.mark.parametrize("origin", DEV_ORIGINS)

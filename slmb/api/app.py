@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 import redis.asyncio as aredis
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -145,6 +146,13 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error", "request_id": request_id}, status_code=500)
 
 
+async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    request_id = uuid.uuid4().hex[:16]
+    log.error("request %s: %s %s: Redis is unavailable: %s", request_id, request.method, request.url.path, exc)
+    return JSONResponse({"detail": "Redis is unavailable; try again shortly", "request_id": request_id},
+                        status_code=503)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     from slmb.api.routes import events, generate, health, models, stop, train
 
@@ -155,6 +163,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
     app.add_exception_handler(Exception, _internal_error)
+    for exc_type in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        app.add_exception_handler(exc_type, _redis_unavailable)
     app.include_router(events.router, prefix=API_PREFIX, dependencies=[Depends(require_token_or_query)])
     for module in (train, stop, models, generate):
         app.include_router(module.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])

@@ -60,6 +60,16 @@ async def mlflow_url(task_id: str, request: dict[str, Any]) -> str:
         return f"{tracking.mlflow_ui_base()}/#/experiments"
 
 
+def _close_mlflow_run(task_id: str) -> None:
+    """The task never reached the queue: its MLflow run must not stay RUNNING."""
+    from slmb.core import tracking
+
+    try:
+        tracking.end_run(task_id, "error")
+    except Exception as exc:
+        log.warning("task %s: could not close its MLflow run: %s", task_id, exc)
+
+
 def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> None:
     from slmb.api.worker import submit
     from slmb.core.store import create_run
@@ -90,7 +100,11 @@ async def train_complete_model(request: Request) -> Any:
         body["modelName"] = f"model-{task_id[:8]}"
     model_name = body.get("modelName") or body.get("model_name")
     url = await mlflow_url(task_id, body)
-    await run_in_threadpool(_submit, request.app, body, task_id)
+    try:
+        await run_in_threadpool(_submit, request.app, body, task_id)
+    except Exception:
+        await run_in_threadpool(_close_mlflow_run, task_id)
+        raise
     base = (settings.public_url or str(request.base_url)).rstrip("/")
     sse_url = f"{API_PREFIX}/events/{task_id}"
     return {
