@@ -222,7 +222,8 @@ def test_stop_while_queued_then_cooperative_stop(service):
             for lines in readers:
                 assert next(lines).startswith("id: 0-0")
                 wait_until(lambda lines=lines: next(lines).startswith(": keep-alive"), 10, "a keep-alive")
-            assert _blocked_clients(conn) >= baseline + 5
+            # (each client leaves XREAD for a moment every second to send its keep-alive)
+            wait_until(lambda: _blocked_clients(conn) >= baseline + 5, 10, "5 clients blocked in XREAD")
             for s in streams:
                 s.__exit__(None, None, None)
         wait_until(lambda: _blocked_clients(conn) <= baseline, 10, "the SSE connections to Redis to close")

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -103,7 +103,7 @@ _APPEND_LUA = """
 if redis.call('HEXISTS', KEYS[1], 'terminal') == 1 then return false end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[2], 'json', ARGV[3])
 if ARGV[4] == '1' then
-  redis.call('HSET', KEYS[1], 'terminal', ARGV[2], 'terminal_id', id)
+  redis.call('HSET', KEYS[1], 'terminal', ARGV[2])
   redis.call('SREM', KEYS[6], ARGV[6])
   for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
 end
@@ -115,9 +115,8 @@ def append_event(conn: redis.Redis, event: ev.Event) -> str | None:
     """Add ``event`` to its task's stream. Returns the stream id, or ``None`` when the stream has already
     ended (the event is dropped)."""
     tid = event.task_id
-    result = conn.register_script(_APPEND_LUA)(keys=[*task_keys(tid), RUNNING],
-                    args=[stream_maxlen(), event.name, event.to_json(), "1" if event.terminal else "0",
-                          task_ttl_s(), tid])
+    args = [stream_maxlen(), event.name, event.to_json(), "1" if event.terminal else "0", task_ttl_s(), tid]
+    result = conn.register_script(_APPEND_LUA)(keys=[*task_keys(tid), RUNNING], args=args)
     return _text(result) if result else None
 
 
@@ -149,7 +148,7 @@ def read_events(conn: redis.Redis, task_id: str, after: str = "0-0") -> list[tup
 
 
 def follow_events(conn: redis.Redis, task_id: str, after: str = "0-0", *, block_s: float = 2.0,
-                  idle: Any = None) -> Iterator[tuple[str, dict[str, Any]]]:
+                  idle: Callable[[], object] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(id, wire dict)`` from the start (or after ``after``) and then live, until the terminal event.
 
     ``idle()`` is called whenever ``block_s`` passes without an event (the CLI uses it to look for dead
@@ -171,7 +170,8 @@ def follow_events(conn: redis.Redis, task_id: str, after: str = "0-0", *, block_
                 return
 
 
-def follow_into(conn: redis.Redis, task_id: str, sink: ev.Sink, *, idle: Any = None) -> str:
+def follow_into(conn: redis.Redis, task_id: str, sink: ev.Sink, *, idle: Callable[[], object] | None = None
+                ) -> str:
     """Emit a task's events, from the start and then live, to ``sink``; returns the terminal event's name."""
     name = ""
     for _, wire in follow_events(conn, task_id, idle=idle):

@@ -40,7 +40,7 @@ from slmb.core.store import new_task_id
 log = logging.getLogger("slmb.worker")
 
 QUEUE_ENV, DEFAULT_QUEUE = "SLMB_QUEUE", "slmb"
-HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "SLMB_HEARTBEAT_S", 2  # whole seconds: RQ's monitor uses alarm(2)
+HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "SLMB_HEARTBEAT_S", 2  # whole seconds: RQ's monitor times with alarm()
 HEARTBEAT_MISSES = 3  # the liveness key lives this many intervals
 FINALIZE_TTL_S = 120  # liveness granted to a worker's stop/failure callback, which may wait on MLflow
 JOB_TIMEOUT_ENV = "SLMB_JOB_TIMEOUT_S"  # RQ's default of 180 s would kill every real training run
@@ -118,8 +118,9 @@ def train_job(task_id: str) -> dict[str, Any]:
     conn = job.connection
     die_with_parent()
     control = rev.RedisControl(conn)
-    if rev.terminal_event(conn, task_id):  # cancelled while a worker was taking it
-        return {"task_id": task_id, "state": rev.terminal_event(conn, task_id)}
+    ended = rev.terminal_event(conn, task_id)
+    if ended:  # cancelled while a worker was taking it
+        return {"task_id": task_id, "state": ended}
     from slmb.core.trainer import train
 
     try:
