@@ -104,8 +104,8 @@ async def _reap_forever(app: FastAPI) -> None:
         await asyncio.sleep(app.state.settings.reap_interval_s)
         try:
             await run_in_threadpool(reap_dead_tasks, app.state.redis)
-        except Exception:  # Redis away for a moment: try again next time
-            log.exception("looking for dead training processes failed")
+        except Exception as exc:  # Redis away for a moment: try again next time
+            log.warning("looking for dead training processes failed: %s: %s", type(exc).__name__, exc)
 
 
 async def _warm_tracking() -> None:
