@@ -206,7 +206,7 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
           max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="override config.max_steps"),
           batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="override config.batch_size"),
           device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps"),
-          dtype: str | None = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (compute precision)"),
+          dtype: str | None = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16 (compute precision)"),
           name: str | None = typer.Option(None, "--name", help="override modelName (names the completed model)"),
           resume: str | None = typer.Option(None, "--resume", metavar="TASK_ID",
                                             help="continue a stopped run from its latest checkpoint"),

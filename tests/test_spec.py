@@ -184,7 +184,7 @@ def test_whole_request_nulls_take_defaults(shared):
 def test_config_defaults_and_every_canvas_key_is_accepted(shared):
     c = Config.model_validate({})
     assert (c.model, c.context_length, c.resolved_stride, c.dtype, c.lr_schedule, c.device) == (
-        "gpt-2", 128, 128, "fp32", "cosine", "auto")
+        "gpt-2", 128, 128, "auto", "cosine", "auto")
     assert c.tokenizer_name == "gpt2"
     canvas = {"model": "qwen3", "epochs": 2, "batch_size": 4, "vocab_size": 151936, "context_length": 64,
               "stride": 32, "emb_dim": 64, "n_heads": 4, "n_blocks": 2, "drop_rate": 0.0, "qkv_bias": False,

@@ -11,8 +11,9 @@ from slmb.core import events as ev
 from slmb.core import store
 from slmb.core.compiler import build_model
 from slmb.core.control import FileControl
+from slmb.core.runtime import AUTO_BF16_MIN_PARAMS, autocast_for, cpu_has_native_bf16
 from slmb.core.spec import TrainRequest
-from slmb.core.trainer import cpu_has_native_bf16, get_lr, train
+from slmb.core.trainer import get_lr, train
 from slmb.core.validate import RequestInvalidError
 
 
@@ -178,6 +179,32 @@ def test_bf16_autocast_on_a_cpu_with_native_bf16():
     assert next(e for e in events if e.name == "started").dtype == "bf16"
     assert not [e for e in events if e.name == "warning"]
     assert abs(losses(events)[1] - math.log(257)) < 0.6
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_loss_curve_tracks_fp32():
+    # "auto" picks bf16 for real models: its training must follow the fp32 run closely, step by step.
+    curves = {}
+    for dtype in ("fp32", "bf16"):
+        _, events = run(toy_request(d=64, max_steps=30, dtype=dtype, device="cpu"))
+        curves[dtype] = losses(events)
+    assert len(curves["fp32"]) == 30 and curves["fp32"][30] < curves["fp32"][1] - 1.0  # it learned
+    worst = max(abs(curves["bf16"][s] - curves["fp32"][s]) / curves["fp32"][s] for s in curves["fp32"])
+    assert worst < 0.03, worst
+
+
+def test_auto_dtype_is_the_default_and_resolves_by_device_and_size():
+    body = toy_request(max_steps=1)
+    body["config"].pop("dtype")
+    assert TrainRequest.model_validate(body).config.dtype == "auto"
+    cpu = torch.device("cpu")
+    native = "bf16" if cpu_has_native_bf16() else "fp32"
+    assert autocast_for("auto", cpu, AUTO_BF16_MIN_PARAMS)[0] == native
+    assert autocast_for("auto", cpu, AUTO_BF16_MIN_PARAMS - 1)[0] == "fp32"  # a toy model: bf16 would be slower
+    assert autocast_for("fp32", cpu, 10**9)[0] == "fp32"  # an explicit dtype is honoured
+    _, events = run(body)
+    started = next(e for e in events if e.name == "started")
+    assert started.dtype == "fp32" and not [e for e in events if e.name == "warning"]
 
 
 def test_vocabulary_is_checked_before_anything_runs():

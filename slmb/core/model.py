@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slmb.core import nodes as N
@@ -24,6 +25,20 @@ class SLM(nn.Module):
         if cache is not None:
             cache.pos = pos + ids.shape[1]
         return logits
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ids (B, T) against targets (B, T), as the trainer computes it.
+
+        When the chain ends in a linear head (every LM canvas does), the trunk runs once and the head's
+        cross-entropy is computed in row chunks by ``chunked_cross_entropy``, so the (B, T, V) logits (200 MB
+        in fp32 for GPT-2's vocabulary at batch 8 x 128) never exist. Otherwise: full logits, then F.cross_entropy.
+        """
+        head = self.chain.layers[-1]
+        if not isinstance(head, N.Linear):
+            logits = self(ids)  # (B, T, V)
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        h = self.chain(ids, N.Ctx(), end=-1)  # (B, T, E)
+        return chunked_cross_entropy(h.flatten(0, 1), head.weight, head.bias, targets.flatten())
 
     def attention_layers(self) -> list[N.Attention]:
         """Attention nodes in cache-slot order (the order the compiler numbered them)."""
@@ -63,3 +78,78 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+
+CE_CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32 (333 rows of GPT-2's 50257), whatever the vocabulary
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                          chunk_rows: int | None = None) -> torch.Tensor:
+    """mean(CE(h @ weight.T + bias, targets)) without materialising the (N, V) logits.
+
+    Args:
+        h: (N, E) hidden states entering the head.
+        weight: (V, E) head weight (tied or not); bias: (V,) or None.
+        targets: (N,) int64 class ids.
+        chunk_rows: rows per chunk (default: ``CE_CHUNK_ELEMENTS // V``).
+
+    Returns:
+        The scalar mean loss in fp32. Under autocast the head products run in the autocast dtype and the
+        softmax in fp32, as autocast would do for the full product.
+    """
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))
+    rows = chunk_rows or max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        return _ChunkedCrossEntropy.apply(h, weight, bias, targets, rows, dtype, want_grad)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward and backward of the LM-head cross-entropy, one chunk of rows at a time.
+
+    The gradients are computed during the forward pass, from each chunk's softmax while it is at hand (the
+    Liger-kernel trick): the same three products as an unchunked head (logits, dL/dh, dL/dW), no recompute,
+    and only one (chunk, V) block alive at a time. Backward only scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, rows, dtype, want_grad):
+        n_rows = h.shape[0]
+        hc, wc = h.to(dtype), weight.to(dtype)  # (N, E), (V, E)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_grad and bias is not None else None
+        for s in range(0, n_rows, rows):
+            x, t = hc[s : s + rows], targets[s : s + rows, None]  # (n, E), (n, 1)
+            logits = (x @ wc.t()).float()  # (n, V)
+            if bias is not None:
+                logits += bias
+            picked = logits.gather(1, t)  # (n, 1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # unnormalised, in place of the logits: one exp pass for both uses
+            norm = probs.sum(dim=-1, keepdim=True)
+            total += (top + norm.log() - picked).sum()  # logsumexp - target logit
+            if not want_grad:
+                continue
+            probs.div_(norm).scatter_add_(1, t, torch.full_like(picked, -1.0))  # dCE/dlogits = p - onehot (x N)
+            g = probs.to(dtype)
+            grad_h[s : s + rows] = g @ wc  # (n, E)
+            if dtype == torch.float32:
+                grad_w.addmm_(g.t(), x)  # (V, E)
+            else:
+                grad_w += g.t() @ x  # no bf16 x bf16 -> fp32 product on the CPU: accumulate its result in fp32
+            if grad_b is not None:
+                grad_b += probs.sum(0)
+        ctx.n_rows = n_rows
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_grad else None, grad_b)
+        return total / n_rows
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_out / ctx.n_rows  # the mean's 1/N, applied once here rather than to every chunk
+        return (grad_h * scale, grad_w * scale, grad_b * scale if grad_b is not None else None,
+                None, None, None, None)

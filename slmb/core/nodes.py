@@ -338,9 +338,10 @@ class Chain(nn.Module):
         self.tap_in = frozenset(i for i, w in sources if w == "in")
         self.tap_out = frozenset(i for i, w in sources if w == "out")
 
-    def forward(self, h: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: Ctx, end: int | None = None) -> torch.Tensor:
+        """Apply the nodes in order; ``end`` stops before node ``end`` (``SLM.loss`` runs all but the head)."""
         taps: dict[tuple[int, str], torch.Tensor] = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.layers[:end]):
             if i in self.tap_in:
                 taps[(i, "in")] = h
             if isinstance(layer, Residual):

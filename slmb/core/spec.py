@@ -284,7 +284,8 @@ class Config(BaseModel):
     qk_norm: bool | None = None
     qk_norm_eps: Annotated[float, Field(gt=0, lt=1)] | None = None
     head_dim: Dim | None = None
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # Compute precision; "auto" (the default) = bf16 where the device has it natively and it pays, else fp32.
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
 
     # slmb's training keys.
     tokenizer: str | None = None
@@ -313,7 +314,7 @@ class Config(BaseModel):
     @classmethod
     def _dtype(cls, v: Any) -> Any:
         aliases = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "fp32": "fp32",
-                   "fp16": "fp16", "bf16": "bf16"}
+                   "fp16": "fp16", "bf16": "bf16", "auto": "auto"}
         return aliases.get(v.strip().lower(), v) if isinstance(v, str) else v
 
     @field_validator("device")

@@ -8,20 +8,19 @@ moments: the losses match an uninterrupted run). A finished model goes to the co
 
 Precision. ``dtype`` is the compute precision: parameters and optimizer state stay fp32 and the forward runs
 under autocast. bf16 runs on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); fp16 only on CUDA, with a
-gradient scaler; anything else falls back to fp32 with a ``warning`` event. The default is fp32. Measured on
-this project's 2-core AVX512-BF16 CPU (glibc kept from returning freed memory, see ``_keep_freed_memory``):
-a GPT-2-shaped model with the 50257-token vocabulary (d=128, 2 blocks, ctx 64, batch 16) trains ~1.9x faster
-under bf16 autocast (~4,300 vs ~2,250 tokens/s), while a toy byte-level model (d=64, V=257) is ~1.5x *slower*
-(autocast's casts outweigh its small matmuls). bf16 is therefore used only when asked for, never by default.
+gradient scaler; anything else falls back to fp32 with a ``warning`` event. A request without ``dtype`` gets
+"auto": bf16 where it is native and the model is big enough to gain from it, else fp32 (``runtime.autocast_for``;
+numbers in docs/benchmarks.md).
+
+Speed. The loss comes from ``SLM.loss``, which never materialises the full logits; ``runtime.prepare_device``
+sets threads and keeps glibc from returning freed memory to the kernel; ``TrainStep`` is the whole step, shared
+with ``bench/train.py`` so the benchmark measures this code.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slmb.core import events as ev
 from slmb.core.control import Control, get_control
+from slmb.core.runtime import autocast_for, prepare_device
 from slmb.core.store import (
     Run,
     StoreError,
@@ -108,52 +107,64 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_for(dtype: str, device: torch.device) -> tuple[str, Callable[[], Any], str | None]:
-    """(the dtype actually used, a context-manager factory for the forward pass, a fallback warning or None)."""
-    if dtype == "bf16" and ((device.type == "cuda" and torch.cuda.is_bf16_supported())
-                            or (device.type == "cpu" and cpu_has_native_bf16())):
-        return "bf16", lambda: torch.autocast(device.type, dtype=torch.bfloat16), None
-    if dtype == "fp16" and device.type == "cuda":
-        return "fp16", lambda: torch.autocast("cuda", dtype=torch.float16), None
-    if dtype == "fp32":
-        return "fp32", contextlib.nullcontext, None
-    where = "this CPU has no native bf16" if device.type == "cpu" and dtype == "bf16" else f"not on {device.type}"
-    return "fp32", contextlib.nullcontext, f"dtype {dtype} is not supported here ({where}); training in fp32"
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _keep_freed_memory() -> None:
-    """Stop glibc from handing the big logits-sized buffers back to the kernel after every step.
-
-    By default each buffer above the mmap threshold is a fresh mmap, so every step page-faults hundreds of MB
-    back in (a quarter or more of CPU training time in the kernel). Serving them from the heap and never
-    trimming it trades a stable peak RSS for 1.5-3x faster CPU steps. Process-wide and idempotent.
-    """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(None)
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                   fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW; weight decay only on matrices and embeddings (>= 2-D): decaying biases and norm gains toward zero
-    only hurts. Fused kernels on CUDA."""
+    only hurts. Fused kernels on CUDA and on the CPU by default (on this project's CPU, 25 ms instead of 89 ms
+    per step for the 16 M-parameter GPT-2 benchmark model)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" or None)
+    if fused is None:
+        fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+class TrainStep:
+    """One optimizer step over ``grad_accum_steps`` micro-batches: autocast forward + loss, backward, clip, AdamW.
+
+    The training loop and ``bench/train.py`` both call this, so the benchmark measures the trainer's own step.
+    ``loss_fn(x, y)`` defaults to ``model.loss`` (chunked LM-head cross-entropy); batches arrive on the CPU.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, autocast: Callable[[], Any],
+                 device: torch.device, *, scaler: Any = None, grad_clip: float | None = 1.0,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        self.model, self.optimizer, self.autocast, self.device = model, optimizer, autocast, device
+        self.scaler, self.grad_clip = scaler, grad_clip or float("inf")
+        self.loss_fn = loss_fn or model.loss
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.loss_fn(self.to_device(x), self.to_device(y))
+
+    def __call__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float
+                 ) -> tuple[torch.Tensor, float]:
+        """Returns (mean loss over the micro-batches as a 0-d tensor on the device, gradient norm)."""
+        opt, scaler, accum = self.optimizer, self.scaler, len(batches)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = None
+        for x, y in batches:
+            loss = self.loss(x, y)
+            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if scaler is not None:
+            scaler.unscale_(opt)
+        grad_norm = float(nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True))
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum / accum, grad_norm
 
 
 def get_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int, schedule: str) -> float:
@@ -358,22 +369,16 @@ class _Loop:
             return self._stopped(None)
 
         device = resolve_device(cfg.device)
-        if device.type == "cpu":
-            if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
-                torch.set_num_threads(cpu_cores())
-            _keep_freed_memory()
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        dtype, autocast, fallback = autocast_for(cfg.dtype, device)
-        if fallback:
-            self.warn(fallback)
-        scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
+        prepare_device(device)
 
         tokenizer = load_tokenizer(cfg.tokenizer_name)
         torch.manual_seed(cfg.seed)
         model = build_model(req, device=device)
         check_vocab(model.vocab_size, tokenizer)  # before any data is tokenized or step taken
+        dtype, autocast, fallback = autocast_for(cfg.dtype, device, model.num_parameters())
+        if fallback:
+            self.warn(fallback)
+        scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
         data = prepare_tokens(req.dataset, req.dataset_config, tokenizer, val_fraction=cfg.val_fraction,
                               max_rows=cfg.max_rows, text_field=cfg.text_field)
         T, B, accum = cfg.context_length, cfg.batch_size, cfg.grad_accum_steps
@@ -405,26 +410,17 @@ class _Loop:
             self.state = st = load_checkpoint(ckpt, model, optimizer, scaler, device)
             self.elapsed_before = st.elapsed_s
         start_step = st.step
-        forward = torch.compile(model) if cfg.compile else model
+        step = TrainStep(model, optimizer, autocast, device, scaler=scaler, grad_clip=cfg.grad_clip,
+                         loss_fn=torch.compile(model.loss) if cfg.compile else None)
         eval_sets = {"train": train_loader.eval_batches(cfg.eval_batches),
                      "val": val_loader.eval_batches(cfg.eval_batches) if val_loader else []}
-
-        def to_device(t: torch.Tensor) -> torch.Tensor:
-            if device.type == "cuda":
-                return t.pin_memory().to(device, non_blocking=True)
-            return t.to(device)
-
-        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            with autocast():
-                logits = forward(to_device(x))  # (B, T, V)
-            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), to_device(y).view(-1))
 
         @torch.no_grad()
         def evaluate(batches: list) -> float | None:
             if not batches:
                 return None
             model.eval()
-            losses = [loss_of(x, y).item() for x, y in batches]
+            losses = [step.loss(x, y).item() for x, y in batches]
             model.train()
             return sum(losses) / len(losses)
 
@@ -447,29 +443,10 @@ class _Loop:
                 break
             t_step = time.monotonic()
             lr = get_lr(st.step, total_steps, cfg.learning_rate, min_lr, cfg.warmup_steps, cfg.lr_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             epoch, cursor = divmod(st.step, steps_per_epoch)
-            loss_sum = torch.zeros((), device=device)
-            for k in range(accum):
-                x, y = train_loader.batch(epoch, cursor * accum + k)
-                loss = loss_of(x, y)
-                if scaler is not None:
-                    scaler.scale(loss / accum).backward()
-                else:
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = step([train_loader.batch(epoch, cursor * accum + k) for k in range(accum)], lr)
             st.step += 1
-            loss_val = loss_sum.item() / accum
+            loss_val = loss.item()
             if not math.isfinite(loss_val):
                 raise TrainingError(f"the loss became {loss_val} at step {st.step}; lower the learning_rate or "
                                     "use fp32")

@@ -1,0 +1,89 @@
+"""Process and device settings that training and generation share (DESIGN.md §7): threads, allocator, precision.
+
+Measured on this project's 2-core AVX512-BF16 CPU with the GPT-2 benchmark shape (docs/benchmarks.md): the
+glibc allocator hands the logits-sized buffers back to the kernel after every step (a quarter or more of CPU
+time in page faults), and bf16 autocast is 1.7-1.9x faster than fp32 once that is fixed, while a toy model
+(d=64, V=257) is slower under bf16. ``prepare_device`` is called by every code path that trains or generates
+(the trainer, the generator; so the CLI and the service's workers too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# bf16 autocast pays only where the matrix products dominate; below this many multiply-adds per token (the
+# model's weights, LM head included) its casts cost more than it saves. Measured (docs/benchmarks.md): d=64
+# V=257 (~0.1 M) is 1.5x slower in bf16, d=128 V=50257 (~6.8 M) 1.9x faster.
+AUTO_BF16_MIN_PARAMS = 2_000_000
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX on this CPU (oneDNN's own check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from handing the big logits-sized buffers back to the kernel after every step.
+
+    By default each buffer above the mmap threshold is a fresh mmap, so every step page-faults hundreds of MB
+    back in (a quarter or more of CPU training time in the kernel). Serving them from the heap and never
+    trimming it trades a stable peak RSS for 1.5-3x faster CPU steps. Process-wide and idempotent; a no-op
+    where the C library is not glibc (jemalloc or tcmalloc preloaded already behave this way).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def prepare_device(device: torch.device) -> None:
+    """CPU: one thread per core (unless OMP_NUM_THREADS says otherwise) and the allocator fix. CUDA: TF32."""
+    if device.type == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count wins
+            torch.set_num_threads(cpu_cores())
+        keep_freed_memory()
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def native_bf16(device: torch.device) -> bool:
+    return ((device.type == "cuda" and torch.cuda.is_bf16_supported())
+            or (device.type == "cpu" and cpu_has_native_bf16()))
+
+
+def autocast_for(dtype: str, device: torch.device, num_parameters: int | None = None
+                 ) -> tuple[str, Callable[[], Any], str | None]:
+    """(the dtype actually used, a context-manager factory for the forward pass, a fallback warning or None).
+
+    "auto" (what a request without ``dtype`` gets) is bf16 where the device has native bf16 and the model is
+    large enough to gain from it (``AUTO_BF16_MIN_PARAMS``; always on CUDA), else fp32. An explicit dtype is
+    honoured where the device supports it.
+    """
+    if dtype == "auto":
+        big = device.type == "cuda" or num_parameters is None or num_parameters >= AUTO_BF16_MIN_PARAMS
+        dtype = "bf16" if big and native_bf16(device) else "fp32"
+    if dtype == "bf16" and native_bf16(device):
+        return "bf16", lambda: torch.autocast(device.type, dtype=torch.bfloat16), None
+    if dtype == "fp16" and device.type == "cuda":
+        return "fp16", lambda: torch.autocast("cuda", dtype=torch.float16), None
+    if dtype == "fp32":
+        return "fp32", contextlib.nullcontext, None
+    where = "this CPU has no native bf16" if device.type == "cpu" and dtype == "bf16" else f"not on {device.type}"
+    return "fp32", contextlib.nullcontext, f"dtype {dtype} is not supported here ({where}); training in fp32"
