@@ -127,6 +127,7 @@ def generate(model: str = typer.Argument(..., help="name of a completed model (s
              stop: list[str] = typer.Option([], "--stop", help="stop before this text (repeatable)"),
              stream: bool = typer.Option(True, "--stream/--no-stream", help="print text as it comes"),
              device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
+             bf16: bool = typer.Option(False, "--bf16", help="decode with bf16 weights: faster, not bit-identical"),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object with the result")) -> None:
     """Generate text with a completed model; prints the prompt and its continuation."""
     from slmb.core.generate import Generation, SamplingParams, load_generator
@@ -139,7 +140,7 @@ def generate(model: str = typer.Argument(..., help="name of a completed model (s
     except ValueError as exc:
         _fail(str(exc), EXIT_INVALID)
     try:
-        gen, _ = load_generator(model, device)
+        gen, _ = load_generator(model, device, dtype="bf16" if bf16 else None)
     except (StoreError, FileNotFoundError) as exc:
         _fail(str(exc), EXIT_INVALID)
     result = Generation(prompt, "")

@@ -131,6 +131,17 @@ def test_greedy_top_k_1_and_tiny_top_p_agree(gpt2_model):
     assert greedy.token_ids == top1.token_ids == nucleus.token_ids
 
 
+def test_bf16_decode_weights_are_a_copy_and_track_fp32_logits(gpt2_model):
+    gen = Generator(gpt2_model, load_tokenizer("byte"), dtype=torch.bfloat16)
+    assert {p.dtype for p in gen.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in gpt2_model.parameters()} == {torch.float32}  # the caller's model is untouched
+    ids = torch.tensor([list(b"hello world")])
+    with torch.no_grad():
+        ref, got = gpt2_model(ids)[0, -1], gen.model(ids)[0, -1].float()
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert len(gen.generate("hi", SamplingParams(max_new_tokens=8, temperature=0, stop_at_eos=False)).token_ids) == 8
+
+
 def test_padded_vocabulary_is_never_sampled(gpt2_model):
     model = copy.deepcopy(gpt2_model)
     head = model.chain.layers[-1]

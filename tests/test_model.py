@@ -70,3 +70,17 @@ def test_slm_loss_under_bf16_autocast_is_close_to_fp32():
     assert got.dtype == torch.float32
     assert abs(got.item() - ref.item()) / ref.item() < 0.01
     assert abs(got.item() - full.item()) / full.item() < 0.005
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_chunked_cross_entropy_gradients_under_bf16_autocast_match_the_autocast_reference():
+    torch.manual_seed(0)
+    h = torch.randn(200, 64, requires_grad=True)
+    w = (0.1 * torch.randn(500, 64)).requires_grad_()
+    t = torch.randint(0, 500, (200,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.autograd.grad(F.cross_entropy((h @ w.t()).float(), t), [h, w])
+        got = torch.autograd.grad(chunked_cross_entropy(h, w, None, t, chunk_rows=64), [h, w])
+    for g, r in zip(got, ref, strict=True):
+        assert g.dtype == torch.float32
+        assert (g - r).norm() / r.norm() < 0.02

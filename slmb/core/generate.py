@@ -231,11 +231,14 @@ class _TextStream:
         return self._emit(len(self.text))
 
 
-def load_generator(name: str, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
-    """A generator for a completed model in the store, and the model's metadata."""
+def load_generator(name: str, device: str | torch.device = "cpu", dtype: str | None = None
+                   ) -> tuple[Generator, dict[str, Any]]:
+    """A generator for a completed model in the store, and the model's metadata. ``dtype="bf16"`` decodes with
+    bf16 weights (see ``Generator``)."""
     from slmb.core.store import load_completed
 
     request, state_dict, metadata = load_completed(name)
     model = load_model(request, state_dict, device)
     tok_name = metadata.get("tokenizer") or TrainRequest.model_validate(request).config.tokenizer_name
-    return Generator(model, load_tokenizer(tok_name)), metadata
+    weights = {None: None, "fp32": None, "bf16": torch.bfloat16}[dtype]
+    return Generator(model, load_tokenizer(tok_name), dtype=weights), metadata

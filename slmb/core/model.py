@@ -109,19 +109,29 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Forward and backward of the LM-head cross-entropy, one chunk of rows at a time.
 
-    The gradients are computed during the forward pass, from each chunk's softmax while it is at hand (the
-    Liger-kernel trick): the same three products as an unchunked head (logits, dL/dh, dL/dW), no recompute,
-    and only one (chunk, V) block alive at a time. Backward only scales them by the incoming gradient.
+    The gradient dL/dlogits is computed during the forward pass, from each chunk's softmax while it is at hand
+    (as Liger-Kernel does): the same three products as an unchunked head (logits, dL/dh, dL/dW), no recompute,
+    and never the (N, V) fp32 logits. In fp32 each chunk's dL/dh and dL/dW products are done at once (dL/dW
+    accumulated in place by addmm). Under bf16 autocast the (N, V) gradient is kept in bf16 (a quarter of what
+    full logits + log-softmax + their gradients take) and the two backward products run once at full size: the
+    CPU has no bf16 x bf16 -> fp32 product to accumulate into, and per-chunk fp32 accumulation costs more than
+    it saves. Backward only scales the stored gradients.
     """
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, rows, dtype, want_grad):
-        n_rows = h.shape[0]
+        n_rows, vocab = h.shape[0], weight.shape[0]
+        low = dtype != torch.float32
         hc, wc = h.to(dtype), weight.to(dtype)  # (N, E), (V, E)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if want_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_grad and bias is not None else None
+        grad_h = grad_w = grad_b = grad_logits = None
+        if want_grad:
+            if low:
+                grad_logits = torch.empty(n_rows, vocab, dtype=dtype, device=h.device)  # (N, V)
+            else:
+                grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight)
+            if bias is not None:
+                grad_b = torch.zeros_like(bias, dtype=torch.float32)
         for s in range(0, n_rows, rows):
             x, t = hc[s : s + rows], targets[s : s + rows, None]  # (n, E), (n, 1)
             logits = (x @ wc.t()).float()  # (n, V)
@@ -135,16 +145,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if not want_grad:
                 continue
             probs.div_(norm).scatter_add_(1, t, torch.full_like(picked, -1.0))  # dCE/dlogits = p - onehot (x N)
-            g = probs.to(dtype)
-            grad_h[s : s + rows] = g @ wc  # (n, E)
-            if dtype == torch.float32:
-                grad_w.addmm_(g.t(), x)  # (V, E)
-            else:
-                grad_w += g.t() @ x  # no bf16 x bf16 -> fp32 product on the CPU: accumulate its result in fp32
             if grad_b is not None:
                 grad_b += probs.sum(0)
+            if low:
+                grad_logits[s : s + rows] = probs
+            else:
+                grad_h[s : s + rows] = probs @ wc  # (n, E)
+                grad_w.addmm_(probs.t(), x)  # (V, E)
+        if grad_logits is not None:
+            grad_h = (grad_logits @ wc).to(h.dtype)  # (N, E)
+            grad_w = (grad_logits.t() @ hc).to(weight.dtype)  # (V, E)
         ctx.n_rows = n_rows
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if want_grad else None, grad_b)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
         return total / n_rows
 
     @staticmethod

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-# bf16 autocast pays only where the matrix products dominate; below this many multiply-adds per token (the
-# model's weights, LM head included) its casts cost more than it saves. Measured (docs/benchmarks.md): d=64
-# V=257 (~0.1 M) is 1.5x slower in bf16, d=128 V=50257 (~6.8 M) 1.9x faster.
-AUTO_BF16_MIN_PARAMS = 2_000_000
+# bf16 autocast pays only where the matrix products dominate; for smaller models its casts cost what it saves.
+# Measured with bench/dtype_sizes.py (1 thread, docs/benchmarks.md): bf16/fp32 = 0.97x at 0.07 M parameters
+# (d=64, V=257), 1.30x at 0.44 M (d=128, V=257), 1.6-1.9x from 3 M up (and for every GPT-2-vocabulary model).
+AUTO_BF16_MIN_PARAMS = 250_000
 
 
 def cpu_has_native_bf16() -> bool:
