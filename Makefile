@@ -31,5 +31,9 @@ test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/ruff check slmb tests bench
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q
 
+# Every benchmark in one command (fresh processes, alternated, medians); results as in docs/benchmarks.md.
+bench: setup
+	$(PY) bench/run_all.py
+
 clean:
 	rm -rf $(VENV) .slmb .pytest_cache .ruff_cache

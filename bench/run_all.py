@@ -1,0 +1,157 @@
+"""Every benchmark in one command: matmul peak, training (slmb vs Hugging Face vs nanoGPT-style) and generation.
+
+Each training measurement is a fresh process (allocator state matters), the peers alternate round-robin, and
+``--reps`` rounds give a median and a spread. Prints Markdown tables (the ones in docs/benchmarks.md);
+``--json PATH`` also keeps the raw runs.
+
+    .venv/bin/python bench/run_all.py [--reps 3] [--quick]          # CPU, ~10 min on the 2-core dev box
+    python3 bench/run_all.py --device cuda --reps 2                  # on a GPU: bf16, fused AdamW, compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+# (label, bench/train.py arguments). The first rows are the headline; the rest measure one lever each.
+CPU_TRAIN = [
+    ("slmb default (auto = bf16, chunked CE, mallopt)", ["--peer", "slmb", "--dtype", "auto"]),
+    ("HF GPT2LMHeadModel default (fp32, glibc)", ["--peer", "hf", "--dtype", "fp32"]),
+    ("slmb fp32 (chunked CE, mallopt)", ["--peer", "slmb", "--dtype", "fp32"]),
+    ("slmb fp32, full-logits CE", ["--peer", "slmb", "--dtype", "fp32", "--loss", "full"]),
+    ("slmb fp32, glibc default allocator", ["--peer", "slmb", "--dtype", "fp32", "--alloc", "default"]),
+    ("slmb bf16, unfused AdamW", ["--peer", "slmb", "--dtype", "bf16", "--adam", "default"]),
+    ("slmb bf16, full-logits CE", ["--peer", "slmb", "--dtype", "bf16", "--loss", "full"]),
+    ("HF bf16 (glibc)", ["--peer", "hf", "--dtype", "bf16"]),
+    ("HF fp32 + mallopt", ["--peer", "hf", "--dtype", "fp32", "--alloc", "mallopt"]),
+    ("HF bf16 + mallopt", ["--peer", "hf", "--dtype", "bf16", "--alloc", "mallopt"]),
+    ("HF fp32 + jemalloc preload", ["--peer", "hf", "--dtype", "fp32", "--alloc", "jemalloc"]),
+    ("nanoGPT fp32 + mallopt", ["--peer", "nano", "--dtype", "fp32", "--alloc", "mallopt"]),
+    ("nanoGPT bf16 + mallopt", ["--peer", "nano", "--dtype", "bf16", "--alloc", "mallopt"]),
+]
+QUICK = {0, 1, 2, 11}
+CUDA_TRAIN = [  # most important first: a GPU lease may end before the last row
+    ("slmb default (auto = bf16, eager)", ["--peer", "slmb", "--dtype", "auto"]),
+    ("HF GPT2LMHeadModel default (fp32, eager)", ["--peer", "hf", "--dtype", "fp32"]),
+    ("slmb bf16 + compile", ["--peer", "slmb", "--dtype", "auto", "--compile"]),
+    ("slmb bf16 + compile, batch 64", ["--peer", "slmb", "--dtype", "auto", "--compile", "--batch", "64"]),
+    ("HF bf16 + compile", ["--peer", "hf", "--dtype", "bf16", "--compile"]),
+    ("nanoGPT bf16 + compile", ["--peer", "nano", "--dtype", "bf16", "--compile"]),
+]
+
+
+def run_json(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> dict:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine(device: str) -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    flags = Path("/proc/cpuinfo").read_text()
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    import transformers
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores ({', '.join(bf16) or 'no native bf16'}){gpu}; "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="headline rows only (slmb, HF, nanoGPT)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run (default: all cores)")
+    args = ap.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    cuda = args.device.startswith("cuda")
+    steps = args.steps or (30 if cuda else 8)
+    print(f"**Machine:** {machine('cuda' if cuda else 'cpu')}\n")
+
+    peak = run_json([str(HERE / "peak.py"), "--device", args.device])
+    print(f"Matmul peak ({peak['n']}³, {peak['threads']} threads): fp32 {peak['fp32_flops'] / 1e9:,.0f} GFLOP/s, "
+          f"bf16 {peak['bf16_flops'] / 1e9:,.0f} GFLOP/s\n")
+
+    configs = CUDA_TRAIN if cuda else [c for i, c in enumerate(CPU_TRAIN) if not args.quick or i in QUICK]
+    runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
+    for rep in range(args.reps):
+        for label, extra in configs:
+            env = {"LD_PRELOAD": JEMALLOC} if "jemalloc" in extra else None
+            try:
+                r = run_json([str(HERE / "train.py"), "--device", args.device, "--steps", str(steps),
+                              "--batch", str(args.batch), *extra], env)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:  # one broken peer must not lose the rest
+                print(f"<!-- rep {rep + 1}: {label}: FAILED {str(exc)[-600:]} -->", flush=True)
+                continue
+            runs[label].append(r)
+            print(f"<!-- rep {rep + 1}: {label}: {r['tokens_per_s']:,.0f} tokens/s -->", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"peak": peak, "train": runs}, indent=1))
+    runs = {label: rs for label, rs in runs.items() if rs}
+    base_label = "HF fp32 (eager, default)" if cuda else "HF GPT2LMHeadModel default (fp32, glibc)"
+    base = statistics.median(r["tokens_per_s"] for r in runs.get(base_label, [{"tokens_per_s": float("nan")}]))
+    print(f"\nTraining, GPT-2 shape (V 50257, E 256, 4 blocks, 4 heads, T 128, batch {args.batch}), {steps} timed "
+          f"steps after 3 warm-up, {args.reps} fresh processes per row, alternated\n")
+    mem = "peak GPU MB" if cuda else "peak RSS MB"
+    print(f"| run | tokens/s (median) | spread | vs HF default | model GFLOP/s | % of peak (MFU) | {mem} |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, rs in runs.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        med = statistics.median(tps)
+        flops = statistics.median(r["flops_per_s"] for r in rs)
+        pk = peak["bf16_flops"] if rs[0]["dtype"] == "bf16" else peak["fp32_flops"]
+        memory = statistics.median(r["peak_gpu_mb" if cuda else "peak_rss_mb"] for r in rs)
+        print(f"| {label} | {med:,.0f} | {spread(tps)} | {med / base:.2f}x | {flops / 1e9:,.1f} | "
+              f"{100 * flops / pk:.0f}% | {memory:,.0f} |")
+
+    gen = []
+    if not args.skip_generate:
+        for _ in range(args.reps):
+            gen.append(run_json([str(HERE / "generate.py"), "--reps", "2", "--device", args.device, "--json"]))
+        names = list(gen[0]["seconds"])
+        new = gen[0]["new_tokens"]
+        same = all(g["identical"] for g in gen)
+        peer = statistics.median(t for g in gen for t in g["seconds"]["HF generate (cache)"])
+        print(f"\nGeneration: batch 1, 16-token prompt, {new} new tokens, greedy; {args.reps} fresh processes x 2 "
+              f"alternated runs; identical tokens on all exact paths: {'yes' if same else 'NO'}; peak RSS "
+              f"{statistics.median(g['peak_rss_mb'] for g in gen):,.0f} MB\n")
+        print("| path | tokens/s (median) | spread | vs HF generate | model GFLOP/s |")
+        print("|---|---:|---:|---:|---:|")
+        for name in names:
+            ts = [t for g in gen for t in g["seconds"][name]]
+            med = statistics.median(ts)
+            print(f"| {name} | {new / med:,.0f} | {new / max(ts):,.0f}-{new / min(ts):,.0f} | {peer / med:.2f}x | "
+                  f"{gen[0]['flops_per_token'] * new / med / 1e9:,.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"peak": peak, "train": runs, "generate": gen}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
