@@ -82,6 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="headline rows only (slmb, HF, nanoGPT)")
+    ap.add_argument("--rows", default=None, help="comma-separated row numbers of the CPU table to run (0 = first)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=8)
@@ -99,7 +100,8 @@ def main() -> None:
     print(f"Matmul peak ({peak['n']}³, {peak['threads']} threads): fp32 {peak['fp32_flops'] / 1e9:,.0f} GFLOP/s, "
           f"bf16 {peak['bf16_flops'] / 1e9:,.0f} GFLOP/s\n")
 
-    configs = CUDA_TRAIN if cuda else [c for i, c in enumerate(CPU_TRAIN) if not args.quick or i in QUICK]
+    rows = {int(i) for i in args.rows.split(",")} if args.rows else QUICK if args.quick else set(range(len(CPU_TRAIN)))
+    configs = CUDA_TRAIN if cuda else [c for i, c in enumerate(CPU_TRAIN) if i in rows]
     runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
     for rep in range(args.reps):
         for label, extra in configs:

@@ -69,9 +69,9 @@ def load_model(request: dict[str, Any], state_dict: dict[str, torch.Tensor], dev
 class Generator:
     """Samples from a model. ``stream`` yields text deltas; ``generate`` returns the whole result.
 
-    ``dtype`` decodes with a copy of the weights in that dtype: bf16 halves the memory the one-token LM-head
-    product reads per token (the bulk of a cached CPU decode step), ~1.3-1.5x faster on a CPU with native bf16,
-    but not bit-identical to fp32 (greedy paths can part after a near-tie). None keeps the model's own weights.
+    ``dtype`` decodes with a copy of the weights in that dtype: bf16 halves the bytes a decode step reads, but
+    is not bit-identical to fp32 (greedy paths can part after a near-tie), and on this project's CPU it measured
+    slower at 1 thread (162 vs 201 tokens/s, docs/benchmarks.md), so it is opt-in. None keeps the model's weights.
     """
 
     def __init__(self, model: SLM, tokenizer: Tokenizer, use_cache: bool = True, dtype: torch.dtype | None = None):
