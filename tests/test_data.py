@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from slmb.core import data
+from slmb.core import data, store
 from slmb.core.data import DatasetError, DatasetNotFoundError, WindowLoader, prepare_tokens
 from slmb.core.tokenizers import load_tokenizer
 
@@ -50,7 +50,7 @@ def test_tiny_shakespeare_gpt2(shared):
     assert d.meta["source"]["path"].endswith("tiny_shakespeare/input.txt")
     assert d.meta["tokenizer"]["name"] == "gpt2" and d.meta["dtype"] == "uint16"
     assert sorted(p.name for p in d.cache_dir.iterdir()) == ["meta.json", "train.bin", "val.bin"]
-    assert d.cache_dir.parent == data.slmb_home() / "cache" / "tokens"
+    assert d.cache_dir.parent == store.slmb_home() / "cache" / "tokens"
 
 
 def test_second_prepare_reads_the_cache(monkeypatch):
@@ -87,7 +87,7 @@ def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
         m.setattr(tok, "encode_batch", crash)
         with pytest.raises(RuntimeError):
             _prep(f)
-    tokens_root = data.slmb_home() / "cache" / "tokens"
+    tokens_root = store.slmb_home() / "cache" / "tokens"
     assert list(tokens_root.iterdir()) == []  # neither a half cache nor a temp folder
     assert not _prep(f).from_cache
 

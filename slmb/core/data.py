@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slmb.core.store import slmb_home
 from slmb.core.tokenizers import Tokenizer
 
 CACHE_FORMAT = 1  # bump when the cache layout or the tokenization rules change
@@ -83,11 +84,6 @@ class TokenData:
 class _Source:
     identity: dict[str, Any]  # what the cache key and meta["source"] are made of
     chunks: Callable[[], Chunks]
-
-
-def slmb_home() -> Path:
-    """``$SLMB_HOME``, default ``./.slmb``."""
-    return Path(os.environ.get("SLMB_HOME", ".slmb")).expanduser()
 
 
 def hub_offline() -> bool:

@@ -23,6 +23,8 @@ import sentencepiece
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
 
+from slmb.core.store import slmb_home
+
 # Split patterns. gpt2 is tiktoken's own (equivalent to, and faster than, the 2019 release's); llama3 is
 # Meta's; Qwen's differs from llama3 only in splitting digits one by one.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -217,7 +219,7 @@ def check_vocab(model_vocab: int, tok: Tokenizer) -> None:
 def tokenizer_search_dirs() -> list[Path]:
     """Roots searched for tokenizer files, in order: $SLMB_TOKENIZER_DIR, $SLMB_HOME/tokenizers, the user cache."""
     roots = [Path(d) for d in [os.environ.get("SLMB_TOKENIZER_DIR")] if d]
-    roots.append(Path(os.environ.get("SLMB_HOME", ".slmb")) / "tokenizers")
+    roots.append(slmb_home() / "tokenizers")
     roots.append(Path.home() / ".cache" / "slmb" / "tokenizers")
     return [r.expanduser() for r in roots]
 
