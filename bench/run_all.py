@@ -27,9 +27,12 @@ ROOT = HERE.parent
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 # (label, bench/train.py arguments). The first rows are the headline; the rest measure one lever each.
+# The BASELINE row (Hugging Face's default) is the 1.00x of the "vs HF default" column.
+BASELINE_CPU = "HF GPT2LMHeadModel default (fp32, glibc)"
+BASELINE_CUDA = "HF GPT2LMHeadModel default (fp32, eager)"
 CPU_TRAIN = [
     ("slmb default (auto = bf16, chunked CE, mallopt)", ["--peer", "slmb", "--dtype", "auto"]),
-    ("HF GPT2LMHeadModel default (fp32, glibc)", ["--peer", "hf", "--dtype", "fp32"]),
+    (BASELINE_CPU, ["--peer", "hf", "--dtype", "fp32"]),
     ("slmb fp32 (chunked CE, mallopt)", ["--peer", "slmb", "--dtype", "fp32"]),
     ("slmb fp32, full-logits CE", ["--peer", "slmb", "--dtype", "fp32", "--loss", "full"]),
     ("slmb fp32, glibc default allocator", ["--peer", "slmb", "--dtype", "fp32", "--alloc", "default"]),
@@ -45,7 +48,7 @@ CPU_TRAIN = [
 QUICK = {0, 1, 2, 11}
 CUDA_TRAIN = [  # most important first: a GPU lease may end before the last row
     ("slmb default (auto = bf16, eager)", ["--peer", "slmb", "--dtype", "auto"]),
-    ("HF GPT2LMHeadModel default (fp32, eager)", ["--peer", "hf", "--dtype", "fp32"]),
+    (BASELINE_CUDA, ["--peer", "hf", "--dtype", "fp32"]),
     ("slmb bf16 + compile", ["--peer", "slmb", "--dtype", "auto", "--compile"]),
     ("slmb bf16 + compile, batch 64", ["--peer", "slmb", "--dtype", "auto", "--compile", "--batch", "64"]),
     ("HF bf16 + compile", ["--peer", "hf", "--dtype", "bf16", "--compile"]),
@@ -76,6 +79,27 @@ def machine(device: str) -> str:
 
 def spread(values: list[float]) -> str:
     return f"{min(values):,.0f}-{max(values):,.0f}"
+
+
+def train_table(runs: dict[str, list[dict]], peak: dict, baseline: str, cuda: bool) -> str:
+    """The Markdown training table: median tokens/s, spread, ratio to ``baseline``'s median, model FLOP/s and MFU
+    against the measured matmul peak of the row's precision, peak memory. Rows with no run are
+    left out; without a baseline run the ratio column says so instead of printing nan."""
+    runs = {label: rs for label, rs in runs.items() if rs}
+    base = statistics.median(r["tokens_per_s"] for r in runs[baseline]) if baseline in runs else None
+    mem = "peak GPU MB" if cuda else "peak RSS MB"
+    lines = [f"| run | tokens/s (median) | spread | vs HF default | model GFLOP/s | % of peak (MFU) | {mem} |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, rs in runs.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        med = statistics.median(tps)
+        flops = statistics.median(r["flops_per_s"] for r in rs)
+        pk = peak["bf16_flops"] if rs[0]["dtype"] == "bf16" else peak["fp32_flops"]
+        memory = statistics.median(r["peak_gpu_mb" if cuda else "peak_rss_mb"] for r in rs)
+        ratio = f"{med / base:.2f}x" if base else "(no baseline run)"
+        lines.append(f"| {label} | {med:,.0f} | {spread(tps)} | {ratio} | {flops / 1e9:,.1f} | "
+                     f"{100 * flops / pk:.0f}% | {memory:,.0f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -116,22 +140,9 @@ def main() -> None:
             print(f"<!-- rep {rep + 1}: {label}: {r['tokens_per_s']:,.0f} tokens/s -->", flush=True)
             if args.json:
                 args.json.write_text(json.dumps({"peak": peak, "train": runs}, indent=1))
-    runs = {label: rs for label, rs in runs.items() if rs}
-    base_label = "HF fp32 (eager, default)" if cuda else "HF GPT2LMHeadModel default (fp32, glibc)"
-    base = statistics.median(r["tokens_per_s"] for r in runs.get(base_label, [{"tokens_per_s": float("nan")}]))
     print(f"\nTraining, GPT-2 shape (V 50257, E 256, 4 blocks, 4 heads, T 128, batch {args.batch}), {steps} timed "
           f"steps after 3 warm-up, {args.reps} fresh processes per row, alternated\n")
-    mem = "peak GPU MB" if cuda else "peak RSS MB"
-    print(f"| run | tokens/s (median) | spread | vs HF default | model GFLOP/s | % of peak (MFU) | {mem} |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, rs in runs.items():
-        tps = [r["tokens_per_s"] for r in rs]
-        med = statistics.median(tps)
-        flops = statistics.median(r["flops_per_s"] for r in rs)
-        pk = peak["bf16_flops"] if rs[0]["dtype"] == "bf16" else peak["fp32_flops"]
-        memory = statistics.median(r["peak_gpu_mb" if cuda else "peak_rss_mb"] for r in rs)
-        print(f"| {label} | {med:,.0f} | {spread(tps)} | {med / base:.2f}x | {flops / 1e9:,.1f} | "
-              f"{100 * flops / pk:.0f}% | {memory:,.0f} |")
+    print(train_table(runs, peak, BASELINE_CUDA if cuda else BASELINE_CPU, cuda))
 
     gen = []
     if not args.skip_generate:

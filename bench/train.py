@@ -67,12 +67,10 @@ def main() -> None:
         if alloc == "jemalloc" and "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
             sys.exit("--alloc jemalloc needs LD_PRELOAD=libjemalloc.so.2 (bench/run_all.py sets it)")
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", cpu_cores())))
-    if args.peer == "slmb" and alloc == "mallopt":
-        prepare_device(device)
+    if args.peer == "slmb" and (alloc == "mallopt" or device.type == "cuda"):
+        prepare_device(device)  # threads + allocator on the CPU; TF32 matmuls on CUDA (the peers keep torch's default)
     elif alloc == "mallopt":
         keep_freed_memory()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
 
     V, E, L, H, T, B = SHAPE["vocab"], SHAPE["emb"], SHAPE["layers"], SHAPE["heads"], SHAPE["ctx"], args.batch
     torch.manual_seed(0)

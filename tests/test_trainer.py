@@ -166,6 +166,41 @@ def test_early_stopping_finishes_when_val_loss_stops_improving():
     assert any(e.name == "warning" and "early stopping" in e.message for e in events)
 
 
+def test_early_stopping_keeps_the_weights_of_the_best_evaluation_across_a_stop_and_resume():
+    # A constant, high learning rate: the validation loss falls to its best at step 4, then rises (steps 5, 6).
+    cfg = dict(max_steps=40, eval_every=1, learning_rate=0.03, lr_schedule="constant")
+    reference, _ = run(toy_request(name="four-steps", **{**cfg, "max_steps": 4}))
+    _, ref_state, _ = store.load_completed("four-steps")
+
+    result, events = run(toy_request(name="early", early_stopping_patience=2, **cfg))
+    evals = [(e.step, e.val_loss) for e in events if e.name == "eval"]
+    best_step, best = min(evals, key=lambda e: e[1])
+    assert (best_step, result.step) == (4, 6) and result.val_loss == best == reference.val_loss
+    [warning] = [e.message for e in events if e.name == "warning"]
+    assert f"keeps the weights of step 4 (val loss {best:.4f})" in warning
+    finished = events[-1]
+    assert finished.name == "finished" and finished.val_loss == best
+    assert store.get_model("early").metadata["best_step"] == 4
+
+    # Stopped at step 5 (best weights only in memory), resumed: the checkpoint carried them.
+    task_id = store.new_task_id()
+
+    def stop_at_5(event):
+        if event.name == "step" and event.step == 5:
+            FileControl().request_stop(task_id)
+
+    body = toy_request(name="early-resumed", early_stopping_patience=2, **cfg)
+    stopped, _ = run(body, task_id=task_id, sinks=[ev.CallbackSink(stop_at_5)])
+    assert stopped.step == 5
+    resumed, _ = run(None, task_id=task_id, resume=True)
+    assert resumed.step == 6 and resumed.val_loss == best
+
+    for name in ("early", "early-resumed"):  # the published weights are exactly those of the step-4 model
+        _, state, _ = store.load_completed(name)
+        assert state.keys() == ref_state.keys()
+        assert all(torch.equal(state[k], ref_state[k]) for k in state), name
+
+
 def test_unsupported_dtype_falls_back_to_fp32_with_a_warning():
     _, events = run(toy_request(max_steps=1, dtype="fp16", device="cpu"))  # fp16 needs CUDA
     warning = next(e for e in events if e.name == "warning")

@@ -312,6 +312,20 @@ def test_schema_pointer_has_no_discriminator_tag(shared):
     assert (issue.check, issue.found, issue.hint) == ("schema", "twelve", "send a whole number")
 
 
+def test_booleans_are_not_numbers(shared):
+    body = load(shared, "gpt2")
+    body["model"][3]["children"][1]["data"]["numHeads"] = True  # pydantic's lax mode would read 1
+    body["model"][3]["children"][2]["data"]["dropoutRate"] = False
+    body["config"]["batch_size"] = True
+    body["config"]["compile"] = True  # a real boolean field stays one
+    report = validate(body)
+    got = {i.path: (i.message, i.found, i.hint) for i in report.errors}
+    hint = "send a number: true and false are not counts or rates"
+    assert got == {"/model/3/children/1/data/numHeads": ("expected a number, found the boolean true", True, hint),
+                   "/model/3/children/2/data/dropoutRate": ("expected a number, found the boolean false", False, hint),
+                   "/config/batch_size": ("expected a number, found the boolean true", True, hint)}
+
+
 def test_schema_errors_are_all_reported_at_once(shared):
     body = load(shared, "llama3")
     body["model"][0]["data"]["vocabSize"] = -1

@@ -253,6 +253,9 @@ def run_worker(redis_url: str, queues: list[str] | None = None, *, burst: bool =
     """Run an RQ worker on ``queues`` (default: ``$SLMB_QUEUE`` or ``slmb``) until it is stopped."""
     conn = rev.connect(redis_url)
     preload()
+    # RQ blocks for worker_ttl - 15 s waiting for a job and heartbeats in between: this makes an idle worker
+    # heartbeat as often as a busy one, so /healthz can tell a dead worker from a quiet one within seconds.
     worker = TrainingWorker([get_queue(conn, q) for q in (queues or [queue_name()])], connection=conn,
-                            serializer=JSONSerializer, name=name, job_monitoring_interval=heartbeat_s())
+                            serializer=JSONSerializer, name=name, job_monitoring_interval=heartbeat_s(),
+                            worker_ttl=heartbeat_s() + 15)
     return worker.work(burst=burst, with_scheduler=False, logging_level="INFO")

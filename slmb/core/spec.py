@@ -8,10 +8,14 @@ the compiler infers them from the chain or the config, and validation reports an
 
 from __future__ import annotations
 
+import functools
 import re
+import types
+import typing
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # \Z, not $: "$" also matches before a trailing newline, and "ex1\n" must not name a file.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -34,6 +38,35 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def _is_number_field(cls: type[BaseModel], name: str) -> bool:
+    """The field takes an int or a float and not a bool (through ``Optional`` and ``Annotated``)."""
+    found: set[type] = set()
+
+    def walk(tp: Any) -> None:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            walk(typing.get_args(tp)[0])
+        elif origin in (Union, types.UnionType):
+            for arg in typing.get_args(tp):
+                walk(arg)
+        elif isinstance(tp, type):
+            found.add(tp)
+
+    field = cls.model_fields.get(name)
+    if field is not None:
+        walk(field.annotation)
+    return bool(found & {int, float}) and bool not in found
+
+
+def _no_bool_numbers(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """pydantic's lax mode reads ``true`` as 1 in a number field; a boolean there is a mistake, not a count."""
+    if isinstance(value, bool) and info.field_name and _is_number_field(cls, info.field_name):
+        raise PydanticCustomError("number_from_bool", "expected a number, found the boolean {value}",
+                                  {"value": str(value).lower()})
+    return value
+
+
 class _Data(BaseModel):
     # JSON has no NaN or Infinity; Python's json module reads them anyway, and no layer wants one.
     model_config = ConfigDict(extra="allow", populate_by_name=True, str_strip_whitespace=True, allow_inf_nan=False)
@@ -41,6 +74,7 @@ class _Data(BaseModel):
     id: str | None = None
 
     _clean = model_validator(mode="before")(classmethod(lambda cls, v: _drop_nulls(v)))
+    _numbers = field_validator("*", mode="before")(classmethod(_no_bool_numbers))
 
     def unknown_keys(self) -> list[str]:
         """Keys the data carried that slmb neither uses nor knows as UI-only."""
@@ -65,6 +99,7 @@ class RopeConfig(BaseModel):
     rope_type: str | None = Field(default=None, validation_alias=AliasChoices("rope_type", "type"))
 
     _clean = model_validator(mode="before")(classmethod(lambda cls, v: _drop_nulls(v)))
+    _numbers = field_validator("*", mode="before")(classmethod(_no_bool_numbers))
 
     @property
     def is_llama3(self) -> bool:
@@ -264,6 +299,7 @@ class Config(BaseModel):
     """``config``: the canvas's documentation keys plus slmb's optional training keys (DESIGN.md §2.1)."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
+    _numbers = field_validator("*", mode="before")(classmethod(_no_bool_numbers))
 
     # Keys the canvas sends. The architecture comes from the nodes; these document it for the UI.
     model: str = "gpt-2"

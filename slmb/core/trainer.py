@@ -2,9 +2,10 @@
 
 ``train`` validates the request, prepares the token cache, builds the model and runs AdamW with warmup and a
 cosine/linear/constant decay, gradient accumulation, clipping, autocast, periodic evaluation on fixed batches,
-early stopping and checkpoints. It checks the stop flag every step; a stop checkpoints and ends the event log
-with ``stopped``, and ``resume=True`` continues from that checkpoint exactly (same data order, RNG, optimizer
-moments: the losses match an uninterrupted run). A finished model goes to the completed store.
+early stopping (the finished model then keeps the weights of the best evaluation) and checkpoints. It checks the
+stop flag every step; a stop checkpoints and ends the event log with ``stopped``, and ``resume=True`` continues
+from that checkpoint exactly (same data order, RNG, optimizer moments: the losses match an uninterrupted run).
+A finished model goes to the completed store.
 
 Precision. ``dtype`` is the compute precision: parameters and optimizer state stay fp32 and the forward runs
 under autocast. bf16 runs on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); fp16 only on CUDA, with a
@@ -78,6 +79,8 @@ class TrainState:
     eval_train_loss: float | None = None
     val_loss: float | None = None
     best_val_loss: float | None = None
+    best_step: int | None = None  # the step of best_val_loss; with early stopping its weights are kept
+    best_train_loss: float | None = None
     evals_without_improvement: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_steps: int = 0
@@ -145,8 +148,11 @@ class TrainStep:
             return self.loss_fn(self.to_device(x), self.to_device(y))
 
     def __call__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float
-                 ) -> tuple[torch.Tensor, float]:
-        """Returns (mean loss over the micro-batches as a 0-d tensor on the device, gradient norm)."""
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (mean loss over the micro-batches, gradient norm before clipping), both 0-d tensors on the device.
+
+        Nothing here waits for the device: on CUDA the optimizer step is queued behind the backward pass, and the
+        caller reads the numbers (one sync) when it needs them."""
         opt, scaler, accum = self.optimizer, self.scaler, len(batches)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -157,14 +163,14 @@ class TrainStep:
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if scaler is not None:
             scaler.unscale_(opt)
-        grad_norm = float(nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True))
+        grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss_sum / accum, grad_norm
+        return loss_sum / accum, grad_norm.detach()
 
 
 def get_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int, schedule: str) -> float:
@@ -202,9 +208,29 @@ def latest_checkpoint(run: Run) -> Path | None:
     return found[-1] if found else None
 
 
+def snapshot_weights(model: nn.Module, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``model``'s state dict (tied names stay one tensor); refills ``into`` in place when given."""
+    state = model.state_dict()
+    if into is not None:
+        with torch.no_grad():
+            for key, value in state.items():
+                into[key].copy_(value)
+        return into
+    copies: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, value in state.items():
+        if value.data_ptr() not in copies:
+            copies[value.data_ptr()] = value.detach().to("cpu", copy=True)
+        out[key] = copies[value.data_ptr()]
+    return out
+
+
 def save_checkpoint(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
-                    state: TrainState) -> Path:
+                    state: TrainState, best: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoints/step-N/`` (model + optimizer + RNG as safetensors, the rest JSON) and drop older ones.
+
+    ``best``: the weights of the best validation loss so far, when early stopping may need them and they are
+    not the current ones (``best.safetensors``).
 
     The directory is built under a temporary name and renamed into place, so a kill mid-save never leaves a
     checkpoint that looks complete.
@@ -215,6 +241,8 @@ def save_checkpoint(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer
     tmp = run.checkpoints / f".tmp-step-{state.step:08d}-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     save_weights(tmp / "model.safetensors", model.state_dict())
+    if best is not None:
+        save_weights(tmp / "best.safetensors", best)
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -352,6 +380,7 @@ class _Loop:
         self.state = TrainState()
         self.t_session, self.elapsed_before = time.monotonic(), 0.0
         self.total_steps = 0
+        self.best_weights: dict[str, torch.Tensor] | None = None  # with early stopping: the best eval's weights
 
     def emit(self, event_type: type[ev.Event], **data: Any) -> None:
         self.emitter.emit(event_type(task_id=self.task_id, **data))
@@ -409,6 +438,8 @@ class _Loop:
                 raise StoreError(f"run {self.task_id} has no checkpoint to resume from")
             self.state = st = load_checkpoint(ckpt, model, optimizer, scaler, device)
             self.elapsed_before = st.elapsed_s
+            if (ckpt / "best.safetensors").is_file():
+                self.best_weights = load_weights(ckpt / "best.safetensors")
         start_step = st.step
         step = TrainStep(model, optimizer, autocast, device, scaler=scaler, grad_clip=cfg.grad_clip,
                          loss_fn=torch.compile(model.loss) if cfg.compile else None)
@@ -466,6 +497,9 @@ class _Loop:
                 if st.val_loss is not None:
                     if st.best_val_loss is None or st.val_loss < st.best_val_loss:
                         st.best_val_loss, st.evals_without_improvement = st.val_loss, 0
+                        st.best_step, st.best_train_loss = st.step, st.eval_train_loss
+                        if cfg.early_stopping_patience is not None:  # what it would roll back to
+                            self.best_weights = snapshot_weights(model, self.best_weights)
                     else:
                         st.evals_without_improvement += 1
                 self.emit(ev.Eval, step=st.step, train_loss=st.eval_train_loss, val_loss=st.val_loss,
@@ -481,7 +515,7 @@ class _Loop:
                 done = st.step - start_step
                 eta = (now - t0) / done * (total_steps - st.step)
                 self.emit(ev.Step, step=st.step, total_steps=total_steps, epoch=epoch, loss=loss_val, lr=lr,
-                          grad_norm=grad_norm, tokens_per_sec=tps)
+                          grad_norm=float(grad_norm), tokens_per_sec=tps)
                 self.emit(ev.Progress, step=st.step, total_steps=total_steps,
                           progress=100.0 * st.step / total_steps, epoch=epoch, epochs=cfg.epochs, loss=loss_val,
                           loss_ema=st.loss_ema, val_loss=st.val_loss, lr=lr, tokens_per_sec=tps,
@@ -499,7 +533,13 @@ class _Loop:
             self.emit(ev.Eval, step=st.step, train_loss=st.eval_train_loss, val_loss=st.val_loss,
                       best_val_loss=st.best_val_loss)
         if stop_reason == "early_stopping":
-            self.warn(f"early stopping: no better validation loss in {cfg.early_stopping_patience} evaluations")
+            message = f"early stopping: no better validation loss in {cfg.early_stopping_patience} evaluations"
+            if self.best_weights is not None and st.best_step != st.step:
+                model.load_state_dict(self.best_weights)
+                st.val_loss, st.eval_train_loss = st.best_val_loss, st.best_train_loss
+                message += (f"; the model keeps the weights of step {st.best_step} (val loss "
+                            f"{st.best_val_loss:.4f}), the best evaluation")
+            self.warn(message)
         return self._finished(model, tokenizer, dtype, device)
 
     def elapsed(self) -> float:
@@ -508,7 +548,9 @@ class _Loop:
 
     def _checkpoint(self) -> Path:
         self.state.elapsed_s = self.elapsed()
-        path = save_checkpoint(self.run_, self.model, self.optimizer, self.scaler, self.state)
+        st = self.state
+        best = self.best_weights if st.best_step is not None and st.best_step != st.step else None
+        path = save_checkpoint(self.run_, self.model, self.optimizer, self.scaler, st, best)
         self.emit(ev.Checkpoint, step=self.state.step, path=str(path))
         return path
 
@@ -530,6 +572,7 @@ class _Loop:
             "dataset": self.req.dataset, "dataset_config": self.req.dataset_config,
             "parameters": model.num_parameters(), "vocab_size": model.vocab_size,
             "context_length": cfg.context_length, "dtype": dtype, "device": str(device), "steps": st.step,
+            "best_step": st.best_step,
             "epochs": cfg.epochs, "elapsed_s": round(elapsed, 3),
             "metrics": {"train_loss": st.eval_train_loss, "val_loss": st.val_loss,
                         "best_val_loss": st.best_val_loss, "last_step_loss": st.last_loss, "loss_ema": st.loss_ema},

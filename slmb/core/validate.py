@@ -189,6 +189,7 @@ _MISSING_HINTS = {
 _TYPE_HINTS = {
     "int_parsing": "send a whole number", "int_type": "send a whole number",
     "int_from_float": "send a whole number", "float_parsing": "send a number", "bool_parsing": "send true or false",
+    "number_from_bool": "send a number: true and false are not counts or rates",
     "list_type": "send a JSON array", "model_type": "send a JSON object", "dict_type": "send a JSON object",
     "model_attributes_type": "send a JSON object", "too_short": "the list may not be empty",
     "float_type": "send a number", "bool_type": "send true or false", "string_type": "send a string",

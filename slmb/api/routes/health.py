@@ -14,12 +14,23 @@ CHECK_TIMEOUT_S = 5.0
 
 
 def _workers(conn: Any, queue: str) -> list[dict[str, Any]]:
+    """The workers registered on ``queue``, each with the age of its last heartbeat and whether that is recent.
+
+    slmb's workers heartbeat every ``SLMB_HEARTBEAT_S`` seconds, idle or busy (``run_worker``); RQ keeps a dead
+    worker's registration for a minute or more, so "alive" is judged by the heartbeat's age, not by presence."""
     from rq import Worker
+    from rq.utils import now
 
-    from slmb.api.worker import get_queue
+    from slmb.api.worker import HEARTBEAT_MISSES, get_queue, heartbeat_s
 
-    return [{"name": w.name, "state": w.get_state(), "current_job": w.get_current_job_id()}
-            for w in Worker.all(connection=conn, queue=get_queue(conn, queue))]
+    stale_after = heartbeat_s() * HEARTBEAT_MISSES + 1
+    out = []
+    for w in Worker.all(connection=conn, queue=get_queue(conn, queue)):
+        age = (now() - w.last_heartbeat).total_seconds() if w.last_heartbeat else None
+        out.append({"name": w.name, "state": w.get_state(), "current_job": w.get_current_job_id(),
+                    "last_heartbeat_s": None if age is None else round(age, 1),
+                    "alive": age is not None and age <= stale_after})
+    return out
 
 
 def _mlflow() -> dict[str, Any]:
@@ -48,7 +59,7 @@ async def healthz(request: Request) -> JSONResponse:
     workers = await _check(_workers, app.state.redis, app.state.settings.queue) if redis_check["ok"] else {
         "ok": False, "error": "Redis is down"}
     if workers.get("ok"):
-        workers["count"] = len(workers["workers"])
+        workers["count"] = sum(w["alive"] for w in workers["workers"])  # registered but silent ones don't count
         workers["ok"] = workers["count"] > 0
     mlflow = await _check(_mlflow)
     ok = redis_check["ok"] and workers["ok"] and mlflow["ok"]

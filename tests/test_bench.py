@@ -1,0 +1,91 @@
+"""The benchmark scripts under bench/ run end to end (tiny step counts) and their tables compute the right ratios.
+
+Speed itself is never asserted here (docs/benchmarks.md has the numbers); these tests keep the scripts that
+produce those numbers working, on the CPU and, for the table logic, with the CUDA row set too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import run_all  # noqa: E402
+
+
+def _run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _fake_run(tps: float, dtype: str = "bf16", cuda: bool = False) -> dict:
+    return {"tokens_per_s": tps, "flops_per_s": tps * 1e5, "dtype": dtype,
+            "peak_gpu_mb" if cuda else "peak_rss_mb": 1000.0}
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_train_table_ratios_against_the_hf_default_row(cuda):
+    configs = run_all.CUDA_TRAIN if cuda else run_all.CPU_TRAIN
+    baseline = run_all.BASELINE_CUDA if cuda else run_all.BASELINE_CPU
+    assert baseline in [label for label, _ in configs]  # the ratio column has a row to divide by
+    slmb_label = configs[0][0]
+    runs = {label: [] for label, _ in configs}
+    runs[slmb_label] = [_fake_run(t, cuda=cuda) for t in (1900, 2000, 2100)]
+    runs[baseline] = [_fake_run(t, "fp32", cuda) for t in (990, 1000, 1020)]
+    peak = {"bf16_flops": 4e8, "fp32_flops": 2e8}
+    table = run_all.train_table(runs, peak, baseline, cuda).splitlines()
+    assert len(table) == 4  # header, rule, and only the two rows that ran
+    assert ("peak GPU MB" if cuda else "peak RSS MB") in table[0]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in table[2:])}
+    assert rows[slmb_label] == ["2,000", "1,900-2,100", "2.00x", "0.2", "50%", "1,000"]
+    assert rows[baseline][2:5] == ["1.00x", "0.1", "50%"]  # fp32 rows divide by the fp32 peak
+
+
+def test_train_table_without_a_baseline_run_says_so():
+    runs = {run_all.CPU_TRAIN[0][0]: [_fake_run(1000)]}
+    table = run_all.train_table(runs, {"bf16_flops": 1e9, "fp32_flops": 1e9}, run_all.BASELINE_CPU, False)
+    assert "(no baseline run)" in table and "nan" not in table
+
+
+@pytest.mark.parametrize("peer", ["slmb", "hf", "nano"])
+def test_train_benchmark_runs_each_peer(peer):
+    from slmb.core.runtime import autocast_for
+
+    proc = _run("train.py", "--peer", peer, "--steps", "1", "--warmup", "1", "--batch", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["peer"] == peer and out["batch"] == 1 and out["threads"] == 1
+    assert out["tokens_per_s"] > 0 and out["flops_per_s"] == pytest.approx(out["tokens_per_s"] * out["flops_per_token"])
+    # same model size on every peer: 6N + 12·L·E·T with N = 16.03 M (tied head, no position table)
+    assert out["flops_per_token"] == 6 * 16_025_344 + 12 * 4 * 256 * 128
+    # a freshly initialised model with vocab 50257 starts near ln(50257) = 10.8
+    assert all(abs(loss - math.log(50257)) < 1.0 for loss in out["losses"])
+    expected = autocast_for("auto", torch.device("cpu"), 16_000_000)[0] if peer == "slmb" else "fp32"
+    assert out["dtype"] == expected
+    assert out["alloc"] == ("mallopt" if peer == "slmb" else "default")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_train_benchmark_on_cuda_without_a_gpu_is_a_clear_error():
+    proc = _run("train.py", "--device", "cuda", "--steps", "1")
+    assert proc.returncode != 0
+    assert "CUDA is not available here" in proc.stderr
+
+
+def test_generate_benchmark_paths_produce_identical_tokens():
+    proc = _run("generate.py", "--new", "8", "--reps", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["identical"] is True and out["new_tokens"] == 8
+    assert set(out["seconds"]) == {"slmb (KV cache)", "slmb (no cache)", "HF generate (cache)",
+                                   "slmb (KV cache, bf16 weights)"}
+    assert all(len(ts) == 1 and ts[0] > 0 for ts in out["seconds"].values())
