@@ -72,9 +72,10 @@ class KVCache:
         end = pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.k[idx][:, :, pos:end] = k
-        self.v[idx][:, :, pos:end] = v
-        return self.k[idx][:, :, :end], self.v[idx][:, :, :end]
+        ck, cv = self.k[idx], self.v[idx]
+        ck.narrow(2, pos, end - pos).copy_(k)
+        cv.narrow(2, pos, end - pos).copy_(v)
+        return ck.narrow(2, 0, end), cv.narrow(2, 0, end)
 
     def reset(self) -> None:
         self.pos = 0

@@ -8,6 +8,7 @@ functions from resolved node arguments (see ``compiler.plan``) to a module; ``BU
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,8 +105,11 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
-        b = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), b, self.eps).to(x.dtype)
+        w, b = self.weight, self.bias
+        if x.dtype == w.dtype == torch.float32:  # the common case, without four no-op casts (decode speed)
+            return torch.layer_norm(x, w.shape, w, b, self.eps)
+        b = b.float() if b is not None else None
+        return F.layer_norm(x.float(), w.shape, w.float(), b, self.eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -221,10 +225,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
         B, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
-        q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        # [q heads | k heads | v heads] along the features: one view, one transpose, one split (decode speed)
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, T, hd)
+        q, k, v = qkv.split([H, KV, KV], dim=1)  # (B, H, T, hd), (B, KV, T, hd), (B, KV, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before RoPE
         if self.rotary is not None:
@@ -253,7 +256,7 @@ def _causal(pos: int, Tq: int, Tk: int, device: torch.device) -> torch.Tensor:
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "silu": F.silu,
     "swiglu": F.silu,  # SwiGLU = the gated form with SiLU
     "leaky": F.leaky_relu,
@@ -337,18 +340,23 @@ class Chain(nn.Module):
         sources = {(m.index, m.which) for m in layers if isinstance(m, Residual)}
         self.tap_in = frozenset(i for i, w in sources if w == "in")
         self.tap_out = frozenset(i for i, w in sources if w == "out")
+        # The walk, decided once: (layer, residual source or None, tap input?, tap output?, identity in eval?).
+        # A decode step runs ~10 nodes per block for one token, so per-node Python work is a large share of it.
+        self._steps = tuple(
+            (layer, (layer.index, layer.which) if isinstance(layer, Residual) else None, i in self.tap_in,
+             i in self.tap_out, isinstance(layer, Dropout | Marker)) for i, layer in enumerate(layers))
 
     def forward(self, h: torch.Tensor, ctx: Ctx, end: int | None = None) -> torch.Tensor:
         """Apply the nodes in order; ``end`` stops before node ``end`` (``SLM.loss`` runs all but the head)."""
         taps: dict[tuple[int, str], torch.Tensor] = {}
-        for i, layer in enumerate(self.layers[:end]):
-            if i in self.tap_in:
+        for i, (layer, source, tap_in, tap_out, identity) in enumerate(self._steps[:end]):
+            if tap_in:
                 taps[(i, "in")] = h
-            if isinstance(layer, Residual):
-                h = h + taps[(layer.index, layer.which)]
-            else:
-                h = layer(h, ctx)
-            if i in self.tap_out:
+            if source is not None:
+                h = h + taps[source]
+            elif not (identity and not layer.training):  # dropout in eval mode and markers pass h through
+                h = layer.forward(h, ctx)  # not layer(...): nn.Module.__call__'s hook checks cost ~2 µs a node
+            if tap_out:
                 taps[(i, "out")] = h
         return h
 
@@ -362,7 +370,7 @@ class Repeat(nn.Module):
 
     def forward(self, h: torch.Tensor, ctx: Ctx) -> torch.Tensor:
         for block in self.blocks:
-            h = block(h, ctx)
+            h = block.forward(h, ctx)  # as Chain does: no per-call hook checks
         return h
 
 
