@@ -121,7 +121,8 @@ def main() -> None:
     print(f"**Machine:** {machine('cuda' if cuda else 'cpu')}\n")
 
     peak = run_json([str(HERE / "peak.py"), "--device", args.device])
-    print(f"Matmul peak ({peak['n']}³, {peak['threads']} threads): fp32 {peak['fp32_flops'] / 1e9:,.0f} GFLOP/s, "
+    threads = f"{peak['threads']} thread" + ("s" if peak["threads"] != 1 else "")
+    print(f"Matmul peak ({peak['n']}³, {threads}): fp32 {peak['fp32_flops'] / 1e9:,.0f} GFLOP/s, "
           f"bf16 {peak['bf16_flops'] / 1e9:,.0f} GFLOP/s\n")
 
     rows = {int(i) for i in args.rows.split(",")} if args.rows else QUICK if args.quick else set(range(len(CPU_TRAIN)))

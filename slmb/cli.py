@@ -305,24 +305,28 @@ def stop(task_id: str = typer.Argument(..., help="the run's task id (printed by 
 
 
 @app.command(name="list")
-def list_models(as_json: bool = typer.Option(False, "--json", help="print the models as JSON")) -> None:
-    """List the completed models in the store; with $SLMB_REDIS_URL set, also the service's training tasks
-    (then --json prints {"models": [...], "tasks": [...]})."""
+def list_models(as_json: bool = typer.Option(False, "--json", help="print models and tasks as JSON")) -> None:
+    """List the completed models in the store, and the training runs: the service's tasks with $SLMB_REDIS_URL
+    set, else this machine's runs (the table shows those not finished). --json prints
+    {"models": [...], "tasks": [...]} either way."""
     from slmb.core.store import list_models as completed_models
 
     models = completed_models()
     conn = _service_redis()
-    tasks = None
     if conn is not None:
         from slmb.api.redis_events import list_tasks
 
-        tasks = list_tasks(conn)
+        tasks, service = list_tasks(conn), True
+    else:
+        from slmb.core.control import list_runs
+
+        tasks, service = list_runs(), False
     if as_json:
-        listed = [m.to_dict() for m in models]
-        typer.echo(json.dumps(listed if tasks is None else {"models": listed, "tasks": tasks}, indent=2, default=str))
+        typer.echo(json.dumps({"models": [m.to_dict() for m in models], "tasks": tasks}, indent=2, default=str))
         return
-    if tasks:
-        _render_tasks(tasks)
+    shown = tasks if service else [t for t in tasks if t["state"] != "finished"]
+    if shown:
+        _render_tasks(shown, service)
     if not models:
         typer.echo("no completed models yet (train one with `slmb train FILE`)")
         return
@@ -437,18 +441,19 @@ def _train_queued(body: Any, overrides: dict[str, Any], sink: Any) -> None:
         raise typer.Exit(EXIT_INVALID)
 
 
-def _render_tasks(tasks: list[dict[str, Any]]) -> None:
+def _render_tasks(tasks: list[dict[str, Any]], service: bool = True) -> None:
     from datetime import datetime
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="service tasks", title_justify="left")
-    for col in ("task", "model", "state", "celery", "step", "queued at"):
+    table = Table(title="service tasks" if service else "runs not finished", title_justify="left")
+    for col in ("task", "model", "state", *(["celery"] if service else []), "step",
+                "queued at" if service else "started at"):
         table.add_column(col, no_wrap=True)
     for t in tasks:
         created = datetime.fromtimestamp(t["created"]).strftime("%Y-%m-%d %H:%M:%S") if t["created"] else "-"
-        table.add_row(t["task_id"], t["model_name"] or "-", t["state"], t["celery_state"],
+        table.add_row(t["task_id"], t["model_name"] or "-", t["state"], *([t["celery_state"]] if service else []),
                       "-" if t["step"] is None else f"{t['step']:,}", created)
     Console(width=None if sys.stdout.isatty() else 120).print(table)  # whole task ids, even when piped
 

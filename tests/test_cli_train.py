@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,11 +65,13 @@ def test_train_json_end_to_end_with_list_and_events(request_file, env, monkeypat
     assert f"task {task_id}" in result.stderr
     assert events[-1].model_name == "cli-toy" and Path(events[-1].path).is_dir()
 
-    listed = slmb("list", "--json", env=env)
-    [model] = json.loads(listed.stdout)
+    listed = json.loads(slmb("list", "--json", env=env).stdout)
+    [model], [run] = listed["models"], listed["tasks"]
     assert model["model_name"] == "cli-toy" and model["task_id"] == task_id and model["mlflow_run_id"]
+    assert (run["task_id"], run["model_name"], run["state"], run["step"]) == (task_id, "cli-toy", "finished", 4)
     table = slmb("list", env=env)
     assert "cli-toy" in table.stdout and "byte" in table.stdout
+    assert "runs not finished" not in table.stdout  # a finished run is its model's row
 
     replay = slmb("events", task_id, env=env)
     assert replay.returncode == 0 and replay.stdout.splitlines() == lines
@@ -109,6 +112,20 @@ def test_slmb_stop_from_another_terminal(request_file, env):
     assert json.loads(followed.splitlines()[-1])["event"] == "stopped"
     assert "already stopped" in slmb("stop", task_id, env=env).stdout
 
+    # `slmb list` shows the stopped run (to resume), and a "running" one whose process is gone as lost.
+    from slmb.core.control import FileControl
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lost = store.create_run(toy_request(name="lost-one"))
+    FileControl().write_status(lost.task_id, "running", step=7)
+    store.write_json(lost.pid, {"pid": gone.pid, "start_time": None, "host": socket.gethostname()})
+    tasks = {t["task_id"]: t for t in json.loads(slmb("list", "--json", env=env).stdout)["tasks"]}
+    assert (tasks[task_id]["state"], tasks[task_id]["step"]) == ("stopped", events[-1].step)
+    assert (tasks[lost.task_id]["state"], tasks[lost.task_id]["model_name"]) == ("lost", "lost-one")
+    table = slmb("list", env=env).stdout
+    assert "runs not finished" in table and task_id in table and "lost" in table
+
 
 def test_slmb_stop_force_kills_and_still_ends_the_log(request_file, env):
     proc, seen = start_training(request_file(max_steps=100_000, checkpoint_every=1), env)
@@ -131,4 +148,4 @@ def test_cli_errors(request_file, env, tmp_path):
     assert slmb("events", "../etc", env=env).returncode == 1
     assert slmb("events", "no-such-task", env=env).returncode == 1
     assert "no completed models" in slmb("list", env=env).stdout
-    assert json.loads(slmb("list", "--json", env=env).stdout) == []
+    assert json.loads(slmb("list", "--json", env=env).stdout) == {"models": [], "tasks": []}

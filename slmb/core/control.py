@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from slmb.core import events as ev
-from slmb.core.store import StoreError, read_json, run_dir, write_json
+from slmb.core.store import StoreError, read_json, run_dir, slmb_home, write_json
 
 State = Literal["queued", "running", "stopped", "finished", "error"]
 DONE_STATES = ("stopped", "finished", "error")
@@ -163,6 +163,38 @@ class FileControl:
         finally:
             sink.close()
         self.write_status(task_id, "stopped", step=step, checkpoint=ckpt)
+
+
+def list_runs() -> list[dict[str, Any]]:
+    """The training runs in this SLMB_HOME, oldest first: task id, model name, state, last step, times.
+
+    A run whose status says "running" but whose process is gone (killed with the machine, say) is "lost"."""
+    root = slmb_home() / "runs"
+    control, runs = FileControl(), []
+    for path in root.iterdir() if root.is_dir() else []:
+        try:
+            run = run_dir(path.name)
+            request = read_json(run.request)
+        except (StoreError, OSError, ValueError):
+            continue  # not a run directory, or one whose request is unreadable
+        status = control.read_status(run.task_id) or {}
+        state = status.get("state", "queued")
+        if state == "running":
+            try:
+                proc = read_json(run.pid)
+                if proc.get("host") == socket.gethostname() and not _alive(proc["pid"], proc.get("start_time")):
+                    state = "lost"
+            except (OSError, ValueError, KeyError):
+                pass
+        step = status.get("step")
+        if state in ("running", "lost"):  # the status holds the step of its last write; the log is fresher
+            step = next((e.step for e in reversed(ev.read_events(run.events))
+                         if isinstance(e, (ev.Step, ev.Progress))), step)
+        body = request if isinstance(request, dict) else {}
+        runs.append({"task_id": run.task_id, "model_name": body.get("modelName") or body.get("model_name"),
+                     "state": state, "step": step, "created": run.request.stat().st_mtime,
+                     "updated": status.get("updated"), "message": status.get("message")})
+    return sorted(runs, key=lambda r: r["created"])
 
 
 def get_control() -> Control:
