@@ -167,35 +167,38 @@ def test_early_stopping_finishes_when_val_loss_stops_improving():
 
 
 def test_early_stopping_keeps_the_weights_of_the_best_evaluation_across_a_stop_and_resume():
-    # A constant, high learning rate: the validation loss falls to its best at step 4, then rises (steps 5, 6).
-    cfg = dict(max_steps=40, eval_every=1, learning_rate=0.03, lr_schedule="constant")
-    reference, _ = run(toy_request(name="four-steps", **{**cfg, "max_steps": 4}))
-    _, ref_state, _ = store.load_completed("four-steps")
-
-    result, events = run(toy_request(name="early", early_stopping_patience=2, **cfg))
+    # A constant, high learning rate: the validation loss soon stops improving (here: best at step 4, then
+    # worse at 5 and 6). The exact step may differ between CPUs, so it is read from the eval events.
+    cfg = dict(max_steps=40, eval_every=1, learning_rate=0.03, lr_schedule="constant", early_stopping_patience=2)
+    result, events = run(toy_request(name="early", **cfg))
     evals = [(e.step, e.val_loss) for e in events if e.name == "eval"]
     best_step, best = min(evals, key=lambda e: e[1])
-    assert (best_step, result.step) == (4, 6) and result.val_loss == best == reference.val_loss
+    assert result.step == best_step + 2 < 40 and result.val_loss == best
     [warning] = [e.message for e in events if e.name == "warning"]
-    assert f"keeps the weights of step 4 (val loss {best:.4f})" in warning
+    assert f"keeps the weights of step {best_step} (val loss {best:.4f})" in warning
     finished = events[-1]
     assert finished.name == "finished" and finished.val_loss == best
-    assert store.get_model("early").metadata["best_step"] == 4
+    assert store.get_model("early").metadata["best_step"] == best_step
 
-    # Stopped at step 5 (best weights only in memory), resumed: the checkpoint carried them.
+    # The same run stopped one step after its best (the best weights only in memory) and resumed: the
+    # checkpoint carried them.
     task_id = store.new_task_id()
 
-    def stop_at_5(event):
-        if event.name == "step" and event.step == 5:
+    def stop_after_best(event):
+        if event.name == "step" and event.step == best_step + 1:
             FileControl().request_stop(task_id)
 
-    body = toy_request(name="early-resumed", early_stopping_patience=2, **cfg)
-    stopped, _ = run(body, task_id=task_id, sinks=[ev.CallbackSink(stop_at_5)])
-    assert stopped.step == 5
+    stopped, _ = run(toy_request(name="early-resumed", **cfg), task_id=task_id,
+                     sinks=[ev.CallbackSink(stop_after_best)])
+    assert stopped.step == best_step + 1
     resumed, _ = run(None, task_id=task_id, resume=True)
-    assert resumed.step == 6 and resumed.val_loss == best
+    assert resumed.step == best_step + 2 and resumed.val_loss == best
 
-    for name in ("early", "early-resumed"):  # the published weights are exactly those of the step-4 model
+    # Both published models hold exactly the weights of a run trained for best_step steps.
+    reference, _ = run(toy_request(name="reference", **{**cfg, "max_steps": best_step}))
+    assert reference.val_loss == best
+    _, ref_state, _ = store.load_completed("reference")
+    for name in ("early", "early-resumed"):
         _, state, _ = store.load_completed(name)
         assert state.keys() == ref_state.keys()
         assert all(torch.equal(state[k], ref_state[k]) for k in state), name
