@@ -204,6 +204,20 @@ def test_early_stopping_keeps_the_weights_of_the_best_evaluation_across_a_stop_a
         assert all(torch.equal(state[k], ref_state[k]) for k in state), name
 
 
+def test_compile_trains_like_eager():
+    # config.compile wraps SLM.loss (trunk + chunked cross-entropy) in torch.compile: the same losses. (No
+    # dropout: compiled code draws its dropout masks from its own generator, so they differ from eager ones.)
+    curves = {}
+    for compiled in (False, True):
+        result, events = run(toy_request(name=f"compiled-{compiled}", max_steps=4, eval_every=2,
+                                         compile=compiled))
+        assert result.state == "finished" and result.step == 4
+        curves[compiled] = losses(events)
+    assert curves[True].keys() == curves[False].keys() == {1, 2, 3, 4}
+    for step, loss in curves[False].items():
+        assert curves[True][step] == pytest.approx(loss, rel=1e-4), step
+
+
 def test_unsupported_dtype_falls_back_to_fp32_with_a_warning():
     _, events = run(toy_request(max_steps=1, dtype="fp16", device="cpu"))  # fp16 needs CUDA
     warning = next(e for e in events if e.name == "warning")
