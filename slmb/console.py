@@ -20,6 +20,11 @@ def fmt_loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def fmt_mfu(value: float | None) -> str:
+    """Model FLOP utilisation as a percentage of the device's measured matmul peak."""
+    return "-" if value is None else f"{100 * value:.1f}%" if value < 0.1 else f"{100 * value:.0f}%"
+
+
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -30,7 +35,7 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 class ConsoleSink:
-    """Shows a training run: a header, a live bar (step/total, epoch, loss, val loss, lr, tokens/s, ETA), a line
+    """Shows a training run: a header, a live bar (step/total, epoch, loss, val loss, lr, tokens/s, MFU, ETA), a line
     per evaluation, checkpoint and warning, and a summary table when the run ends."""
 
     def __init__(self, console: Console | None = None):
@@ -66,11 +71,13 @@ class ConsoleSink:
             TextColumn("[bold]train"), BarColumn(bar_width=30), MofNCompleteColumn(),
             TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
             TextColumn("val {task.fields[val]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA {task.fields[eta]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TextColumn("MFU {task.fields[mfu]}"),
+            TextColumn("ETA {task.fields[eta]}"),
             console=self.console, transient=False,
         )
         self.task = self.progress.add_task("train", total=e.total_steps, completed=e.resumed_from_step,
-                                           epoch=f"1/{e.epochs}", loss="-", val="-", lr="-", tps="-", eta="-")
+                                           epoch=f"1/{e.epochs}", loss="-", val="-", lr="-", tps="-", mfu="-",
+                                           eta="-")
         self.progress.start()
 
     def _on_progress(self, e: ev.Progress) -> None:
@@ -79,7 +86,8 @@ class ConsoleSink:
             self.progress.update(self.task, completed=e.step, epoch=f"{e.epoch + 1}/{e.epochs}",
                                  loss=fmt_loss(e.loss_ema), val=fmt_loss(e.val_loss),
                                  lr=f"{e.lr:.2e}" if e.lr is not None else "-",
-                                 tps=f"{e.tokens_per_sec:,.0f}" if e.tokens_per_sec else "-", eta=fmt_duration(e.eta_s))
+                                 tps=f"{e.tokens_per_sec:,.0f}" if e.tokens_per_sec else "-", mfu=fmt_mfu(e.mfu),
+                                 eta=fmt_duration(e.eta_s))
 
     def _on_eval(self, e: ev.Eval) -> None:
         self.best_val = e.best_val_loss
@@ -129,6 +137,7 @@ class ConsoleSink:
             ("val loss", fmt_loss(val_loss)),
             ("best val loss", fmt_loss(self.best_val)),
             ("tokens/s", f"{p.tokens_per_sec:,.0f}" if p and p.tokens_per_sec else "-"),
+            ("MFU", fmt_mfu(p.mfu if p else None)),
             ("time", fmt_duration(elapsed_s)),
             where,
         ]

@@ -84,3 +84,19 @@ def test_chunked_cross_entropy_gradients_under_bf16_autocast_match_the_autocast_
     for g, r in zip(got, ref, strict=True):
         assert g.dtype == torch.float32
         assert (g - r).norm() / r.norm() < 0.02
+
+
+def test_flops_per_token_counts_matrix_products_and_attention(shared):
+    # GPT-2 124M (the reference canvas, tied head): 6 x the weights of every product (head 50257 x 768, per block
+    # qkv, proj, fc, out) + 12 x heads x head_dim x context per attention layer. Built on the meta device.
+    import json
+
+    body = json.loads((shared / "requests" / "gpt2-reference.json").read_text())
+    model = build_model(TrainRequest.model_validate(body), device="meta")
+    E, L, T, V = 768, 12, 1024, 50257
+    per_block = E * 3 * E + E * E + E * 4 * E + 4 * E * E
+    assert model.flops_per_token(T) == 6 * (V * E + L * per_block) + L * 12 * E * T == 854_438_400
+    # a Llama-style toy with GQA counts the smaller k/v projections, and the context is the one trained on
+    toy = build_model(TrainRequest.model_validate(toy_request(d=32, ctx=32)))
+    assert toy.flops_per_token(32) == 6 * (32 * 96 + 32 * 32 + 2 * 32 * 128 + 257 * 32) + 12 * 2 * 16 * 32
+    assert toy.flops_per_token(16) == toy.flops_per_token(32) - 12 * 2 * 16 * 16

@@ -34,7 +34,7 @@ def _events(task_id, path):
                      dataset="tiny_shakespeare")
     for step in range(1, 5):
         yield ev.Step(task_id=task_id, step=step, total_steps=4, epoch=(step - 1) // 2, loss=5.0 - step, lr=1e-3,
-                      grad_norm=0.5, tokens_per_sec=1000.0)
+                      grad_norm=0.5, tokens_per_sec=1000.0, mfu=0.01 * step)
         yield ev.Progress(task_id=task_id, step=step, total_steps=4, progress=25.0 * step, epoch=0, epochs=2,
                           loss=5.0 - step, loss_ema=5.0 - step / 2, elapsed_s=step, eta_s=4 - step)
         if step % 2 == 0:
@@ -66,10 +66,11 @@ def test_mlflow_sink_logs_metrics_params_tags_and_artifacts(monkeypatch):
     assert run.data.params["learning_rate"] == "0.001" and run.data.params["dataset"] == "tiny_shakespeare"
     history = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
                for key in ("train/step_loss", "train/step_loss_ema", "train/epoch_loss", "eval/train_loss",
-                           "eval/val_loss", "train/lr", "train/tokens_per_sec", "train/grad_norm")}
+                           "eval/val_loss", "train/lr", "train/tokens_per_sec", "train/grad_norm", "train/mfu")}
     assert sorted(history["train/step_loss"]) == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 1.0)]
     assert sorted(history["eval/val_loss"]) == [(2, pytest.approx(3.2)), (4, pytest.approx(1.2))]
     assert sorted(history["train/epoch_loss"]) == [(2, 3.5), (4, 1.5)]
+    assert sorted(history["train/mfu"]) == [(s, pytest.approx(0.01 * s)) for s in range(1, 5)]
     assert all(len(v) >= 2 for v in history.values())
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"structure.json", "loss_curve.png", "model.safetensors"} <= artifacts

@@ -82,7 +82,14 @@ def test_event_sequence_checkpoints_and_completed_model():
     assert [e.step for e in got if e.name == "checkpoint"] == [2, 4]
     started = got[1]
     assert started.total_steps == 6 and started.tokenizer == "byte" and started.dtype == "fp32"
-    assert started.parameters == build_model(TrainRequest.model_validate(body)).num_parameters()
+    model = build_model(TrainRequest.model_validate(body))
+    assert started.parameters == model.num_parameters()
+    # Model FLOP utilisation against the measured matmul peak, on every step and progress event.
+    assert started.flops_per_token == model.flops_per_token(32) and started.peak_flops > 1e9
+    for e in got:
+        if e.name in ("step", "progress"):
+            assert 0 < e.mfu < 1
+            assert e.mfu == pytest.approx(e.tokens_per_sec * started.flops_per_token / started.peak_flops)
     progress = [e for e in got if e.name == "progress"]
     assert progress[-1].progress == 100.0 and progress[-1].eta_s == 0
 

@@ -69,6 +69,8 @@ class Started(Event):
     train_tokens: int | None = None
     val_tokens: int | None = None
     token_cache_hit: bool | None = None  # the dataset's tokens came from the cache, not a fresh tokenization
+    flops_per_token: int | None = None  # training FLOPs per token (SLM.flops_per_token)
+    peak_flops: float | None = None  # the device's measured matmul FLOP/s in the compute dtype (runtime.matmul_peak)
 
 
 class Step(Event):
@@ -80,6 +82,7 @@ class Step(Event):
     lr: float
     grad_norm: float | None = None
     tokens_per_sec: float | None = None
+    mfu: float | None = None  # model FLOP utilisation: tokens/s x flops_per_token / peak_flops (0-1)
 
 
 class Progress(Event):
@@ -94,6 +97,7 @@ class Progress(Event):
     val_loss: float | None = None
     lr: float | None = None
     tokens_per_sec: float | None = None
+    mfu: float | None = None
     elapsed_s: float
     eta_s: float | None = None
 

@@ -44,6 +44,15 @@ class SLM(nn.Module):
         """Attention nodes in cache-slot order (the order the compiler numbered them)."""
         return sorted((m for m in self.modules() if isinstance(m, N.Attention)), key=lambda m: m.layer_idx)
 
+    def flops_per_token(self, context_length: int | None = None) -> int:
+        """Training FLOPs per token, forward and backward: PaLM's estimate, as nanoGPT's ``estimate_mfu``.
+
+        6 per weight of every matrix product (the LM head included, embedding lookups not) plus 12·H·hd·T per
+        attention node for the scores and the weighted sum over T positions."""
+        T = context_length or self.context_length
+        weights = {id(m.weight): m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear)}
+        return 6 * sum(weights.values()) + sum(12 * a.num_heads * a.head_dim * T for a in self.attention_layers())
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameters counted once even when tied."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -87,3 +88,37 @@ def autocast_for(dtype: str, device: torch.device, num_parameters: int | None = 
         return "fp32", contextlib.nullcontext, None
     where = "this CPU has no native bf16" if device.type == "cpu" and dtype == "bf16" else f"not on {device.type}"
     return "fp32", contextlib.nullcontext, f"dtype {dtype} is not supported here ({where}); training in fp32"
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_peaks: dict[tuple, float] = {}
+
+
+def matmul_peak(device: torch.device, dtype: str) -> float:
+    """The device's matmul FLOP/s in ``dtype`` ("fp32", "bf16", "fp16"), measured once per process and setting.
+
+    A square product (1024³ on a CPU, 8192³ on a GPU), the best of three after a warm-up: ~0.1 s on a 2-core
+    CPU. It is the ceiling the trainer's model FLOP utilisation (MFU) is reported against, measured rather than
+    looked up so that it holds for any CPU, thread count and GPU clock (fp32 on CUDA includes TF32 when on).
+    """
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    key = (str(device), dtype, threads, tf32)
+    if key not in _peaks:
+        n = 8192 if device.type == "cuda" else 1024
+        sync = (torch.cuda.synchronize if device.type == "cuda"
+                else torch.mps.synchronize if device.type == "mps" else (lambda: None))
+        gen = torch.Generator(device=device).manual_seed(0)  # its own: the training RNG stream stays untouched
+        with torch.inference_mode():
+            a = torch.randn(n, n, device=device, dtype=_DTYPES[dtype], generator=gen)
+            b = torch.randn(n, n, device=device, dtype=_DTYPES[dtype], generator=gen)
+            best = float("inf")
+            for i in range(4):
+                sync()
+                t0 = time.perf_counter()
+                a @ b
+                sync()
+                if i:  # the first is the warm-up
+                    best = min(best, time.perf_counter() - t0)
+        _peaks[key] = 2 * n**3 / best
+    return _peaks[key]

@@ -150,8 +150,8 @@ _CLOSE = object()
 class MlflowSink:
     """Logs a training run to MLflow from a background thread.
 
-    Metrics: ``train/step_loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_sec`` (step events),
-    ``train/step_loss_ema`` (progress), ``train/epoch_loss`` (epoch), ``eval/train_loss`` and
+    Metrics: ``train/step_loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_sec``, ``train/mfu``
+    (step events), ``train/step_loss_ema`` (progress), ``train/epoch_loss`` (epoch), ``eval/train_loss`` and
     ``eval/val_loss`` (eval), batched every few seconds. On the terminal event it logs the request
     structure, the loss curve and (when finished) the weights, sets the ``training_status`` tag and ends the
     run; the trainer waits for that, so the run is complete when training returns.
@@ -265,6 +265,7 @@ class MlflowSink:
             self._metric("train/lr", event.lr, event, event.step)
             self._metric("train/grad_norm", event.grad_norm, event, event.step)
             self._metric("train/tokens_per_sec", event.tokens_per_sec, event, event.step)
+            self._metric("train/mfu", event.mfu, event, event.step)
             self._curve["train"].append((event.step, event.loss))
         elif isinstance(event, ev.Progress):
             self._metric("train/step_loss_ema", event.loss_ema, event, event.step)

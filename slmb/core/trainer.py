@@ -34,7 +34,7 @@ from torch import nn
 
 from slmb.core import events as ev
 from slmb.core.control import Control, get_control
-from slmb.core.runtime import autocast_for, prepare_device
+from slmb.core.runtime import autocast_for, matmul_peak, prepare_device
 from slmb.core.store import (
     Run,
     StoreError,
@@ -457,11 +457,13 @@ class _Loop:
 
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.total_steps = total_steps
+        flops_per_token, peak = model.flops_per_token(T), matmul_peak(device, dtype)
         self.emit(ev.Started, model_name=self.model_name, total_steps=total_steps, epochs=cfg.epochs,
                   steps_per_epoch=steps_per_epoch, batch_size=B, context_length=T,
                   parameters=model.num_parameters(), device=str(device), dtype=dtype, tokenizer=tokenizer.name,
                   dataset=req.dataset, resumed_from_step=start_step, train_tokens=len(data.train),
-                  val_tokens=len(data.val), token_cache_hit=data.from_cache, grad_accum_steps=accum)
+                  val_tokens=len(data.val), token_cache_hit=data.from_cache, grad_accum_steps=accum,
+                  flops_per_token=flops_per_token, peak_flops=peak)
 
         model.train()
         t0 = time.monotonic()
@@ -512,13 +514,14 @@ class _Loop:
             if (st.step == start_step + 1 or st.step == total_steps or stop_reason
                     or now - last_emit >= self.step_every_s):
                 tps = tokens_since_emit / max(busy_since_emit, 1e-9)
+                mfu = tps * flops_per_token / peak
                 done = st.step - start_step
                 eta = (now - t0) / done * (total_steps - st.step)
                 self.emit(ev.Step, step=st.step, total_steps=total_steps, epoch=epoch, loss=loss_val, lr=lr,
-                          grad_norm=float(grad_norm), tokens_per_sec=tps)
+                          grad_norm=float(grad_norm), tokens_per_sec=tps, mfu=mfu)
                 self.emit(ev.Progress, step=st.step, total_steps=total_steps,
                           progress=100.0 * st.step / total_steps, epoch=epoch, epochs=cfg.epochs, loss=loss_val,
-                          loss_ema=st.loss_ema, val_loss=st.val_loss, lr=lr, tokens_per_sec=tps,
+                          loss_ema=st.loss_ema, val_loss=st.val_loss, lr=lr, tokens_per_sec=tps, mfu=mfu,
                           elapsed_s=self.elapsed(), eta_s=eta)
                 last_emit, tokens_since_emit, busy_since_emit = now, 0, 0.0
             if stop_reason == "early_stopping":
