@@ -198,3 +198,21 @@ def test_forward_longer_than_the_window_is_a_clear_error():
     model = build(EMB, n("positionalEmbedding", ctxLength=T, embDim=E), HEAD)
     with pytest.raises(ValueError, match="context length is 16"):
         model(torch.zeros(1, T + 1, dtype=torch.long))
+
+
+def test_dropout_keeps_one_minus_p_of_the_values_and_rescales_them():
+    d = N.Dropout(0.25)
+    x = torch.ones(200_000, requires_grad=True)
+    torch.manual_seed(0)
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.005  # Bernoulli(1 - p): 0.75 ± 3.5 sigma
+    assert torch.all(y[kept] == 1 / 0.75)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
+    torch.manual_seed(0)
+    assert torch.equal(d(x), y)  # the mask comes from torch's generator: seeded runs repeat (exact resume)
+    assert d(x.bfloat16()).dtype == torch.bfloat16
+    d.eval()
+    assert d(x) is x
+    assert N.Dropout(0.0)(x) is x
