@@ -96,7 +96,18 @@ def test_flops_per_token_counts_matrix_products_and_attention(shared):
     E, L, T, V = 768, 12, 1024, 50257
     per_block = E * 3 * E + E * E + E * 4 * E + 4 * E * E
     assert model.flops_per_token(T) == 6 * (V * E + L * per_block) + L * 12 * E * T == 854_438_400
-    # a Llama-style toy with GQA counts the smaller k/v projections, and the context is the one trained on
+    # the toy GPT (d=32, 2 heads of 16, hidden 128, vocab 257); the attention term scales with the context given
     toy = build_model(TrainRequest.model_validate(toy_request(d=32, ctx=32)))
     assert toy.flops_per_token(32) == 6 * (32 * 96 + 32 * 32 + 2 * 32 * 128 + 257 * 32) + 12 * 2 * 16 * 32
     assert toy.flops_per_token(16) == toy.flops_per_token(32) - 12 * 2 * 16 * 16
+
+
+def test_flops_per_token_of_a_gqa_gated_model(shared):
+    # The Llama 3 reference canvas: 8 KV heads of 64 (smaller k/v projections), gated SwiGLU, tied head.
+    import json
+
+    body = json.loads((shared / "requests" / "llama3-reference.json").read_text())
+    model = build_model(TrainRequest.model_validate(body), device="meta")
+    E, L, H, KV, hd, F_, V, T = 2048, 16, 32, 8, 64, 8192, 128258, 256
+    per_block = (H + 2 * KV) * hd * E + H * hd * E + 3 * E * F_
+    assert model.flops_per_token() == 6 * (V * E + L * per_block) + L * 12 * H * hd * T == 7_515_168_768
