@@ -37,7 +37,7 @@ class Dropout(nn.Dropout):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        keep = torch.rand(x.shape) >= self.p
+        keep = torch.rand(x.shape, device=x.device) >= self.p
         return x * keep * (1.0 / (1.0 - self.p))
 
 
