@@ -1,4 +1,5 @@
-"""The machine's matmul ceiling: FLOP/s of a square matmul in fp32 and bf16 (median of ``--reps`` after warm-up).
+"""The machine's matmul ceiling: FLOP/s of a square matmul in fp32 and bf16 (``runtime.matmul_peak``: the best
+of ``--reps`` after a warm-up, the same measurement the trainer's MFU is reported against).
 
     .venv/bin/python bench/peak.py [--n 2048] [--device cpu]    # prints one JSON line
 """
@@ -8,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
+
+from slmb.core.runtime import matmul_peak
 
 
 def main() -> None:
@@ -24,19 +25,9 @@ def main() -> None:
     n = args.n or (8192 if dev.type == "cuda" else 2048)
     if dev.type == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", len(os.sched_getaffinity(0)))))
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out = {"n": n, "device": str(dev), "threads": torch.get_num_threads()}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
-        times = []
-        for i in range(args.reps + 2):
-            sync()
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        out[f"{name}_flops"] = 2 * n**3 / statistics.median(times)
+    for name in ("fp32", "bf16"):
+        out[f"{name}_flops"] = matmul_peak(dev, name, n=n, reps=args.reps)
     print(json.dumps(out))
 
 

@@ -94,18 +94,19 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _peaks: dict[tuple, float] = {}
 
 
-def matmul_peak(device: torch.device, dtype: str) -> float:
+def matmul_peak(device: torch.device, dtype: str, n: int | None = None, reps: int = 3) -> float:
     """The device's matmul FLOP/s in ``dtype`` ("fp32", "bf16", "fp16"), measured once per process and setting.
 
-    A square product (1024³ on a CPU, 8192³ on a GPU), the best of three after a warm-up: ~0.1 s on a 2-core
-    CPU. It is the ceiling the trainer's model FLOP utilisation (MFU) is reported against, measured rather than
-    looked up so that it holds for any CPU, thread count and GPU clock (fp32 on CUDA includes TF32 when on).
+    A square product (``n``: 1024³ on a CPU, 8192³ on a GPU by default), the best of ``reps`` after a warm-up:
+    ~0.1 s on a 2-core CPU. It is the ceiling the trainer's model FLOP utilisation (MFU) is reported against
+    (``bench/peak.py`` reports it too), measured rather than looked up so that it holds for any CPU, thread count
+    and GPU clock (fp32 on CUDA includes TF32 when on).
     """
+    n = n or (8192 if device.type == "cuda" else 1024)
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    key = (str(device), dtype, threads, tf32)
+    key = (str(device), dtype, threads, tf32, n, reps)
     if key not in _peaks:
-        n = 8192 if device.type == "cuda" else 1024
         sync = (torch.cuda.synchronize if device.type == "cuda"
                 else torch.mps.synchronize if device.type == "mps" else (lambda: None))
         gen = torch.Generator(device=device).manual_seed(0)  # its own: the training RNG stream stays untouched
@@ -113,7 +114,7 @@ def matmul_peak(device: torch.device, dtype: str) -> float:
             a = torch.randn(n, n, device=device, dtype=_DTYPES[dtype], generator=gen)
             b = torch.randn(n, n, device=device, dtype=_DTYPES[dtype], generator=gen)
             best = float("inf")
-            for i in range(4):
+            for i in range(reps + 1):
                 sync()
                 t0 = time.perf_counter()
                 a @ b
