@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from slmb.core.runtime import matmul_peak
+from slmb.core.runtime import matmul_peak, matmul_peak_size
 
 
 def main() -> None:
@@ -20,6 +20,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="2048 on a CPU, 8192 on a GPU")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--budget", type=float, default=20.0,
+                    help="seconds per precision at most: a CPU shrinks the product to fit (bf16 without native "
+                         "support runs below 1 GFLOP/s)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     n = args.n or (8192 if dev.type == "cuda" else 2048)
@@ -27,7 +30,8 @@ def main() -> None:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", len(os.sched_getaffinity(0)))))
     out = {"n": n, "device": str(dev), "threads": torch.get_num_threads()}
     for name in ("fp32", "bf16"):
-        out[f"{name}_flops"] = matmul_peak(dev, name, n=n, reps=args.reps)
+        out[f"{name}_n"] = matmul_peak_size(dev, name, n, args.reps, args.budget)
+        out[f"{name}_flops"] = matmul_peak(dev, name, n=out[f"{name}_n"], reps=args.reps, budget_s=None)
     print(json.dumps(out))
 
 

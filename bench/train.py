@@ -56,7 +56,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile's mode (implies --compile); reduce-overhead replays CUDA graphs")
     args = ap.parse_args()
+    args.compile = args.compile or args.compile_mode is not None
+    mode = None if args.compile_mode in (None, "default") else args.compile_mode
 
     from slmb.core.runtime import autocast_for, cpu_cores, keep_freed_memory, prepare_device
     from slmb.core.trainer import TrainStep, make_optimizer, resolve_device
@@ -93,7 +97,7 @@ def main() -> None:
             def loss_fn(x, y):
                 return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
         if args.compile:
-            loss_fn = torch.compile(loss_fn or model.loss)
+            loss_fn = torch.compile(loss_fn or model.loss, mode=mode)
     else:
         if args.peer == "hf":
             from transformers import GPT2Config, GPT2LMHeadModel
@@ -101,7 +105,7 @@ def main() -> None:
             cfg = GPT2Config(vocab_size=V, n_embd=E, n_layer=L, n_head=H, n_positions=T,
                              activation_function="gelu_new")
             model = GPT2LMHeadModel(cfg).to(device)
-            net = model if not args.compile else torch.compile(model)
+            net = model if not args.compile else torch.compile(model, mode=mode)
 
             def logits_of(x):
                 return net(input_ids=x).logits
@@ -109,7 +113,7 @@ def main() -> None:
             from nanogpt import GPT
 
             model = GPT(V, T, E, L, H).to(device)
-            net = model if not args.compile else torch.compile(model)
+            net = model if not args.compile else torch.compile(model, mode=mode)
 
             def logits_of(x):
                 return net(x)
@@ -140,6 +144,7 @@ def main() -> None:
     fpt = flops_per_token(n_params, L, E, T)
     out = {"peer": args.peer, "dtype": dtype, "alloc": alloc if device.type == "cpu" else "cuda",
            "loss": args.loss if args.peer == "slmb" else "full", "adam": adam, "compile": args.compile,
+           "compile_mode": args.compile_mode or ("default" if args.compile else None),
            "device": str(device),
            "batch": B, "threads": torch.get_num_threads(), "tokens_per_s": tps,
            "step_s_median": statistics.median(times), "flops_per_token": fpt, "flops_per_s": fpt * tps,

@@ -27,8 +27,8 @@ def _run(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedP
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _fake_run(tps: float, dtype: str = "bf16", cuda: bool = False) -> dict:
-    return {"tokens_per_s": tps, "flops_per_s": tps * 1e5, "dtype": dtype,
+def _fake_run(tps: float, dtype: str = "bf16", cuda: bool = False, batch: int = 8) -> dict:
+    return {"tokens_per_s": tps, "flops_per_s": tps * 1e5, "dtype": dtype, "batch": batch,
             "peak_gpu_mb" if cuda else "peak_rss_mb": 1000.0}
 
 
@@ -42,7 +42,7 @@ def test_train_table_ratios_against_the_hf_default_row(cuda):
     runs[slmb_label] = [_fake_run(t, cuda=cuda) for t in (1900, 2000, 2100)]
     runs[baseline] = [_fake_run(t, "fp32", cuda) for t in (990, 1000, 1020)]
     peak = {"bf16_flops": 4e8, "fp32_flops": 2e8}
-    table = run_all.train_table(runs, peak, baseline, cuda).splitlines()
+    table = run_all.train_table(runs, peak, [baseline], cuda).splitlines()
     assert len(table) == 4  # header, rule, and only the two rows that ran
     assert ("peak GPU MB" if cuda else "peak RSS MB") in table[0]
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in table[2:])}
@@ -50,9 +50,26 @@ def test_train_table_ratios_against_the_hf_default_row(cuda):
     assert rows[baseline][2:5] == ["1.00x", "0.1", "50%"]  # fp32 rows divide by the fp32 peak
 
 
+def test_cuda_table_divides_each_row_by_the_hf_default_at_its_own_batch():
+    labels = [label for label, _ in run_all.CUDA_TRAIN]
+    assert run_all.BASELINE_CUDA in labels and run_all.BASELINE_CUDA_64 in labels
+    runs = {run_all.BASELINE_CUDA: [_fake_run(100_000, "fp32", True)],
+            run_all.BASELINE_CUDA_64: [_fake_run(300_000, "fp32", True, batch=64)],
+            "slmb bf16 + compile": [_fake_run(150_000, cuda=True)],
+            "slmb bf16 + compile, batch 64": [_fake_run(900_000, cuda=True, batch=64)],
+            "slmb, batch 16": [_fake_run(200_000, cuda=True, batch=16)]}
+    peak = {"bf16_flops": 1e12, "fp32_flops": 1e11}
+    table = run_all.train_table(runs, peak, [run_all.BASELINE_CUDA, run_all.BASELINE_CUDA_64], True)
+    ratio = {cells[0]: cells[3] for cells in ([c.strip() for c in r.strip("|").split("|")]
+                                              for r in table.splitlines()[2:])}
+    assert ratio == {run_all.BASELINE_CUDA: "1.00x", run_all.BASELINE_CUDA_64: "1.00x",
+                     "slmb bf16 + compile": "1.50x", "slmb bf16 + compile, batch 64": "3.00x",
+                     "slmb, batch 16": "(no baseline run)"}
+
+
 def test_train_table_without_a_baseline_run_says_so():
     runs = {run_all.CPU_TRAIN[0][0]: [_fake_run(1000)]}
-    table = run_all.train_table(runs, {"bf16_flops": 1e9, "fp32_flops": 1e9}, run_all.BASELINE_CPU, False)
+    table = run_all.train_table(runs, {"bf16_flops": 1e9, "fp32_flops": 1e9}, [run_all.BASELINE_CPU], False)
     assert "(no baseline run)" in table and "nan" not in table
 
 

@@ -11,7 +11,14 @@ from slmb.core import events as ev
 from slmb.core import store
 from slmb.core.compiler import build_model
 from slmb.core.control import FileControl
-from slmb.core.runtime import AUTO_BF16_MIN_PARAMS, autocast_for, cpu_has_native_bf16
+from slmb.core.runtime import (
+    AUTO_BF16_MIN_PARAMS,
+    PROBE_N,
+    autocast_for,
+    cpu_has_native_bf16,
+    matmul_peak,
+    matmul_peak_size,
+)
 from slmb.core.spec import TrainRequest
 from slmb.core.trainer import get_lr, train
 from slmb.core.validate import RequestInvalidError
@@ -264,6 +271,18 @@ def test_auto_dtype_is_the_default_and_resolves_by_device_and_size():
     _, events = run(body)
     started = next(e for e in events if e.name == "started")
     assert started.dtype == "fp32" and not [e for e in events if e.name == "warning"]
+
+
+def test_matmul_peak_shrinks_its_product_to_fit_the_time_budget():
+    # bf16 on a CPU without native bf16 runs below 1 GFLOP/s: a full-size product there would take minutes.
+    cpu = torch.device("cpu")
+    assert matmul_peak_size(cpu, "fp32", 1024, 3, None) == 1024  # no budget: the size asked for
+    assert matmul_peak_size(cpu, "fp32", 1024, 3, 1e6) == 1024  # fits
+    assert matmul_peak_size(cpu, "fp32", 1024, 3, 1e-9) == PROBE_N  # nothing fits: the probe's size
+    mid = matmul_peak_size(cpu, "fp32", 4096, 3, 0.05)  # 137 GFLOP a product: far over 50 ms on any CPU
+    assert PROBE_N <= mid < 4096 and mid % 64 == 0
+    assert matmul_peak_size(torch.device("cuda"), "bf16", 8192, 3, 1e-9) == 8192  # GPUs: no probe, as asked
+    assert matmul_peak(cpu, "fp32", n=2048, reps=1, budget_s=1e-9) > 1e8  # measured at the probe's size
 
 
 def test_vocabulary_is_checked_before_anything_runs():

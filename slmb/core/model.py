@@ -31,13 +31,17 @@ class SLM(nn.Module):
 
         When the chain ends in a linear head (every LM canvas does), the trunk runs once and the head's
         cross-entropy is computed in row chunks by ``chunked_cross_entropy``, so the (B, T, V) logits (200 MB
-        in fp32 for GPT-2's vocabulary at batch 8 x 128) never exist. Otherwise: full logits, then F.cross_entropy.
+        in fp32 for GPT-2's vocabulary at batch 8 x 128) never exist. Otherwise, and for small logits on a GPU in
+        eager mode (``CUDA_FULL_LOGITS_MAX``): full logits, then F.cross_entropy.
         """
         head = self.chain.layers[-1]
         if not isinstance(head, N.Linear):
             logits = self(ids)  # (B, T, V)
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         h = self.chain(ids, N.Ctx(), end=-1)  # (B, T, E)
+        if (h.is_cuda and h.shape[0] * h.shape[1] * head.weight.shape[0] <= CUDA_FULL_LOGITS_MAX
+                and not torch.compiler.is_compiling()):
+            return F.cross_entropy(head(h).float().flatten(0, 1), targets.flatten())
         return chunked_cross_entropy(h.flatten(0, 1), head.weight, head.bias, targets.flatten())
 
     def attention_layers(self) -> list[N.Attention]:
@@ -93,6 +97,11 @@ class KVCache:
 # Logits per chunk: 128 MB in fp32. Smaller chunks cost fp32 speed on the CPU (each one re-reads and re-writes
 # the fp32 dL/dW: 676 tokens/s at 333 rows of GPT-2's vocabulary vs 705 at 512 rows, 720 unchunked).
 CE_CHUNK_ELEMENTS = 1 << 25
+# On a GPU, eager training with small logits is bound by kernel launches, not memory: full logits and one fused
+# cross-entropy beat the chunked function's extra kernels there (H200, GPT-2 benchmark shape at batch 8 x 128 =
+# 51 M logits, bf16: 128-135k tokens/s against 89-118k; docs/benchmarks.md). Compiled, the chunked loss was the
+# faster one measured (156k), so it stays.
+CUDA_FULL_LOGITS_MAX = 1 << 26
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,

@@ -94,32 +94,56 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _peaks: dict[tuple, float] = {}
 
 
-def matmul_peak(device: torch.device, dtype: str, n: int | None = None, reps: int = 3) -> float:
+def matmul_peak(device: torch.device, dtype: str, n: int | None = None, reps: int = 3,
+                budget_s: float | None = 1.0) -> float:
     """The device's matmul FLOP/s in ``dtype`` ("fp32", "bf16", "fp16"), measured once per process and setting.
 
     A square product (``n``: 1024³ on a CPU, 8192³ on a GPU by default), the best of ``reps`` after a warm-up:
     ~0.1 s on a 2-core CPU. It is the ceiling the trainer's model FLOP utilisation (MFU) is reported against
     (``bench/peak.py`` reports it too), measured rather than looked up so that it holds for any CPU, thread count
-    and GPU clock (fp32 on CUDA includes TF32 when on).
+    and GPU clock (fp32 on CUDA includes TF32 when on). On a CPU the product shrinks (``matmul_peak_size``) so
+    that the measurement takes about ``budget_s`` at most: bf16 on a CPU without native bf16 runs at well
+    under 1 GFLOP/s, where a 2048³ product would take minutes.
     """
     n = n or (8192 if device.type == "cuda" else 1024)
     threads = torch.get_num_threads() if device.type == "cpu" else 0
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    key = (str(device), dtype, threads, tf32, n, reps)
+    key = (str(device), dtype, threads, tf32, n, reps, budget_s)
     if key not in _peaks:
-        sync = (torch.cuda.synchronize if device.type == "cuda"
-                else torch.mps.synchronize if device.type == "mps" else (lambda: None))
-        gen = torch.Generator(device=device).manual_seed(0)  # its own: the training RNG stream stays untouched
-        with torch.inference_mode():
-            a = torch.randn(n, n, device=device, dtype=_DTYPES[dtype], generator=gen)
-            b = torch.randn(n, n, device=device, dtype=_DTYPES[dtype], generator=gen)
-            best = float("inf")
-            for i in range(reps + 1):
-                sync()
-                t0 = time.perf_counter()
-                a @ b
-                sync()
-                if i:  # the first is the warm-up
-                    best = min(best, time.perf_counter() - t0)
-        _peaks[key] = 2 * n**3 / best
+        size = matmul_peak_size(device, dtype, n, reps, budget_s)
+        _peaks[key] = 2 * size**3 / _best_matmul_seconds(device, dtype, size, reps)
     return _peaks[key]
+
+
+PROBE_N = 256
+
+
+def matmul_peak_size(device: torch.device, dtype: str, n: int, reps: int, budget_s: float | None) -> int:
+    """The product size ``matmul_peak`` measures: ``n``, or on a CPU the largest multiple of 64 (at least
+    ``PROBE_N``) whose ``reps`` + 1 products fit ``budget_s``, as extrapolated (n³) from one timed
+    ``PROBE_N``³ product. Small products run below the peak rate, so the estimate errs towards smaller sizes."""
+    if budget_s is None or device.type != "cpu" or n <= PROBE_N:
+        return n
+    probe = _best_matmul_seconds(device, dtype, PROBE_N, 1)
+    fit = PROBE_N * (budget_s / ((reps + 1) * probe)) ** (1 / 3)  # (reps + 1) · probe · (fit / PROBE_N)³ = budget
+    return n if fit >= n else max(PROBE_N, int(fit) // 64 * 64)
+
+
+def _best_matmul_seconds(device: torch.device, dtype: str, n: int, reps: int) -> float:
+    """The fastest of ``reps`` n×n @ n×n products after one warm-up, on random data from a generator of its
+    own (the training RNG stream stays untouched)."""
+    sync = (torch.cuda.synchronize if device.type == "cuda"
+            else torch.mps.synchronize if device.type == "mps" else (lambda: None))
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.inference_mode():
+        a = torch.randn(n, n, device=device, dtype=_DTYPES[dtype], generator=gen)
+        b = torch.randn(n, n, device=device, dtype=_DTYPES[dtype], generator=gen)
+        best = float("inf")
+        for i in range(reps + 1):
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            if i:  # the first is the warm-up
+                best = min(best, time.perf_counter() - t0)
+    return best
