@@ -31,7 +31,7 @@ JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 BASELINE_CPU = "HF GPT2LMHeadModel default (fp32, glibc)"
 BASELINE_CUDA = "HF GPT2LMHeadModel default (fp32, eager)"
 CPU_TRAIN = [
-    ("slmb default (auto = bf16, chunked CE, mallopt)", ["--peer", "slmb", "--dtype", "auto"]),
+    ("slmb default (dtype auto, chunked CE, mallopt)", ["--peer", "slmb", "--dtype", "auto"]),
     (BASELINE_CPU, ["--peer", "hf", "--dtype", "fp32"]),
     ("slmb fp32 (chunked CE, mallopt)", ["--peer", "slmb", "--dtype", "fp32"]),
     ("slmb fp32, full-logits CE", ["--peer", "slmb", "--dtype", "fp32", "--loss", "full"]),
@@ -96,9 +96,9 @@ def train_table(runs: dict[str, list[dict]], peak: dict, baselines: list[str], c
     runs = {label: rs for label, rs in runs.items() if rs}
     base = {runs[b][0]["batch"]: statistics.median(r["tokens_per_s"] for r in runs[b]) for b in baselines if b in runs}
     mem = "peak GPU MB" if cuda else "peak RSS MB"
-    lines = [f"| run | tokens/s (median) | spread | vs HF default (same batch) | model GFLOP/s | % of peak (MFU) "
-             f"| {mem} |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| run | dtype | tokens/s (median) | spread | vs HF default (same batch) | model GFLOP/s | "
+             f"% of peak (MFU) | {mem} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for label, rs in runs.items():
         tps = [r["tokens_per_s"] for r in rs]
         med = statistics.median(tps)
@@ -107,7 +107,7 @@ def train_table(runs: dict[str, list[dict]], peak: dict, baselines: list[str], c
         memory = statistics.median(r["peak_gpu_mb" if cuda else "peak_rss_mb"] for r in rs)
         b = base.get(rs[0]["batch"])
         ratio = f"{med / b:.2f}x" if b else "(no baseline run)"
-        lines.append(f"| {label} | {med:,.0f} | {spread(tps)} | {ratio} | {flops / 1e9:,.1f} | "
+        lines.append(f"| {label} | {rs[0]['dtype']} | {med:,.0f} | {spread(tps)} | {ratio} | {flops / 1e9:,.1f} | "
                      f"{100 * flops / pk:.0f}% | {memory:,.0f} |")
     return "\n".join(lines)
 

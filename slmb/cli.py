@@ -127,7 +127,8 @@ def generate(model: str = typer.Argument(..., help="name of a completed model (s
              stop: list[str] = typer.Option([], "--stop", help="stop before this text (repeatable)"),
              stream: bool = typer.Option(True, "--stream/--no-stream", help="print text as it comes"),
              device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
-             bf16: bool = typer.Option(False, "--bf16", help="decode with bf16 weights: faster, not bit-identical"),
+             bf16: bool = typer.Option(False, "--bf16",
+                                       help="bf16 weights: half the memory, not bit-identical, mostly slower"),
              as_json: bool = typer.Option(False, "--json", help="print one JSON object with the result")) -> None:
     """Generate text with a completed model; prints the prompt and its continuation."""
     from slmb.core.generate import Generation, SamplingParams, load_generator

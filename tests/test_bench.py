@@ -46,8 +46,9 @@ def test_train_table_ratios_against_the_hf_default_row(cuda):
     assert len(table) == 4  # header, rule, and only the two rows that ran
     assert ("peak GPU MB" if cuda else "peak RSS MB") in table[0]
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in r.strip("|").split("|")] for r in table[2:])}
-    assert rows[slmb_label] == ["2,000", "1,900-2,100", "2.00x", "0.2", "50%", "1,000"]
-    assert rows[baseline][2:5] == ["1.00x", "0.1", "50%"]  # fp32 rows divide by the fp32 peak
+    assert rows[slmb_label] == ["bf16", "2,000", "1,900-2,100", "2.00x", "0.2", "50%", "1,000"]
+    # fp32 rows divide by the fp32 peak
+    assert rows[baseline][0] == "fp32" and rows[baseline][3:6] == ["1.00x", "0.1", "50%"]
 
 
 def test_cuda_table_divides_each_row_by_the_hf_default_at_its_own_batch():
@@ -60,7 +61,7 @@ def test_cuda_table_divides_each_row_by_the_hf_default_at_its_own_batch():
             "slmb, batch 16": [_fake_run(200_000, cuda=True, batch=16)]}
     peak = {"bf16_flops": 1e12, "fp32_flops": 1e11}
     table = run_all.train_table(runs, peak, [run_all.BASELINE_CUDA, run_all.BASELINE_CUDA_64], True)
-    ratio = {cells[0]: cells[3] for cells in ([c.strip() for c in r.strip("|").split("|")]
+    ratio = {cells[0]: cells[4] for cells in ([c.strip() for c in r.strip("|").split("|")]
                                               for r in table.splitlines()[2:])}
     assert ratio == {run_all.BASELINE_CUDA: "1.00x", run_all.BASELINE_CUDA_64: "1.00x",
                      "slmb bf16 + compile": "1.50x", "slmb bf16 + compile, batch 64": "3.00x",

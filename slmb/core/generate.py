@@ -70,8 +70,9 @@ class Generator:
     """Samples from a model. ``stream`` yields text deltas; ``generate`` returns the whole result.
 
     ``dtype`` decodes with a copy of the weights in that dtype: bf16 halves the bytes a decode step reads, but
-    is not bit-identical to fp32 (greedy paths can part after a near-tie), so it is opt-in. On this project's CPU:
-    257 vs 207 tokens/s with 2 threads, but 162 vs 201 with 1 (docs/benchmarks.md). None keeps the model's weights.
+    is not bit-identical to fp32 (greedy paths can part after a near-tie), so it is opt-in. It has been slower than
+    fp32 on every machine measured since the fp32 decode loop got leaner (AMX Xeon 188 vs 244 tokens/s, AVX2 EPYC
+    23 vs 121, H200 728 vs 983; docs/benchmarks.md): its use is the memory it saves. None keeps the model's weights.
     """
 
     def __init__(self, model: SLM, tokenizer: Tokenizer, use_cache: bool = True, dtype: torch.dtype | None = None):
