@@ -37,12 +37,13 @@ class SLM(nn.Module):
         head = self.chain.layers[-1]
         if not isinstance(head, N.Linear):
             logits = self(ids)  # (B, T, V)
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        h = self.chain(ids, N.Ctx(), end=-1)  # (B, T, E)
-        if (h.is_cuda and h.shape[0] * h.shape[1] * head.weight.shape[0] <= CUDA_FULL_LOGITS_MAX
-                and not torch.compiler.is_compiling()):
-            return F.cross_entropy(head(h).float().flatten(0, 1), targets.flatten())
-        return chunked_cross_entropy(h.flatten(0, 1), head.weight, head.bias, targets.flatten())
+        else:
+            h = self.chain(ids, N.Ctx(), end=-1)  # (B, T, E)
+            small_on_gpu = h.is_cuda and h.shape[0] * h.shape[1] * head.weight.shape[0] <= CUDA_FULL_LOGITS_MAX
+            if not small_on_gpu or torch.compiler.is_compiling():
+                return chunked_cross_entropy(h.flatten(0, 1), head.weight, head.bias, targets.flatten())
+            logits = head(h)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def attention_layers(self) -> list[N.Attention]:
         """Attention nodes in cache-slot order (the order the compiler numbered them)."""
