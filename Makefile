@@ -9,7 +9,7 @@ export SLMB_TOKENIZER_DIR ?= $(if $(wildcard $(SHARED)/tokenizers),$(SHARED)/tok
 export SLMB_DATA_DIR      ?= $(if $(wildcard $(SHARED)/datasets),$(SHARED)/datasets,)
 export SLMB_SHARED_DIR    ?= $(SHARED)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench reliability clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,11 @@ test: setup
 # Every benchmark in one command (fresh processes, alternated, medians); results as in docs/benchmarks.md.
 bench: setup
 	$(PY) bench/run_all.py
+
+# Fuzzing, fault injection and load against a real `slmb serve`; the table in docs/reliability.md.
+reliability: setup
+	bash scripts/system-deps.sh
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/reliability.py
 
 clean:
 	rm -rf $(VENV) .slmb .pytest_cache .ruff_cache
