@@ -172,9 +172,17 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
           redis_url: str | None = typer.Option(None, "--redis-url", envvar="SLMB_REDIS_URL",
                                                help="a running Redis; without one a private redis-server starts"),
           workers: int = typer.Option(1, "--workers", min=0, help="worker processes to start (0: API only)"),
+          data_dir: Path | None = typer.Option(
+              None, "--data-dir", envvar="SLMB_DATA_DIR", file_okay=False, exists=True,
+              help="the data root: HTTP callers may name files and folders under it as datasets (else named "
+                   "datasets only)"),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM."""
     import logging
+    import os
+
+    if data_dir is not None:  # the API and the workers it starts read it from the environment
+        os.environ["SLMB_DATA_DIR"] = str(data_dir.resolve())
 
     from slmb.api.serve import serve as run_service
 
@@ -332,6 +340,7 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="print models
         typer.echo("no completed models yet (train one with `slmb train FILE`)")
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from slmb.console import fmt_loss
@@ -343,10 +352,17 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="print models
     for m in models:
         meta = m.metadata
         params, steps = meta.get("parameters"), meta.get("steps")
-        table.add_row(m.name, f"{params:,}" if params is not None else "-", str(meta.get("tokenizer", "-")),
-                      f"{steps:,}" if steps is not None else "-", fmt_loss((meta.get("metrics") or {}).get("val_loss")),
+        loss = meta["metrics"].get("val_loss") if isinstance(meta.get("metrics"), dict) else None
+        loss = loss if isinstance(loss, float) else None
+        table.add_row(m.name + (" [red](broken)[/]" if m.error else ""),
+                      f"{params:,}" if isinstance(params, int) else "-", str(meta.get("tokenizer", "-")),
+                      f"{steps:,}" if isinstance(steps, int) else "-", fmt_loss(loss),
                       str(meta.get("created", "-"))[:19].replace("T", " "))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for m in models:
+        if m.error:
+            console.print(f"[red]broken[/] {escape(m.name)}: {escape(m.error)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

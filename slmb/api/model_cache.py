@@ -14,25 +14,37 @@ from slmb.core.generate import Generator, load_generator
 log = logging.getLogger("slmb.api")
 
 
+# Models that failed a check the listing cannot make (the full check at load, or a fetch from MLflow):
+# {name: (the files' stamp or the MLflow run id, reason)}. The listing shows them broken until their files change.
+_failed: dict[str, tuple[Any, str]] = {}
+
+
 def local_or_fetched(name: str) -> store.ModelEntry:
-    """The model from the local store, copied there from MLflow first if only MLflow has it."""
+    """The model from the local store, copied there from MLflow first if only MLflow has it. The entry may be
+    broken (``error`` set); a broken copy in MLflow raises :class:`~slmb.core.store.BrokenModelError`."""
     try:
         return store.get_model(name)
     except store.StoreError:
         store.check_model_name(name)
     from slmb.core import tracking
 
-    tracking.fetch_model(name)
+    try:
+        tracking.fetch_model(name)
+    except store.BrokenModelError as exc:
+        _failed[name] = (exc.mlflow_run_id, exc.reason)
+        raise
     return store.get_model(name)
 
 
 class ModelCache:
-    """Keeps the ``size`` most recently used generators. A model republished under the same name (a new
-    ``store_version``) is loaded afresh. Loads of one name are serialised; different names load in parallel."""
+    """Keeps the ``size`` most recently used generators. Every use checks the model's files as a listing does, and
+    files that changed since the load (a model republished under the same name, or files overwritten in place)
+    load afresh, with the full check: a model whose files turned to junk is refused, never served from memory.
+    Loads of one name are serialised; different names load in parallel."""
 
     def __init__(self, size: int):
         self.size = max(1, size)
-        self._items: OrderedDict[tuple[str, str], Generator] = OrderedDict()
+        self._items: OrderedDict[tuple[str, tuple], Generator] = OrderedDict()
         self._lock = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
 
@@ -41,15 +53,22 @@ class ModelCache:
             name_lock = self._name_locks.setdefault(store.check_model_name(name), threading.Lock())
         with name_lock:
             entry = local_or_fetched(name)
-            key = (name, str(entry.metadata.get("store_version", "")))
+            key = (name, entry.stamp)
             with self._lock:
-                if key in self._items:
+                if key in self._items and not entry.error:
                     self._items.move_to_end(key)
                     return self._items[key]
-            generator, _ = load_generator(name)
-            with self._lock:
                 for old in [k for k in self._items if k[0] == name]:
                     del self._items[old]
+            if entry.error:
+                raise store.BrokenModelError(name, entry.error)
+            try:
+                generator, _ = load_generator(name)
+            except store.BrokenModelError as exc:
+                _failed[name] = (entry.stamp, exc.reason)
+                raise
+            _failed.pop(name, None)
+            with self._lock:
                 self._items[key] = generator
                 while len(self._items) > self.size:
                     self._items.popitem(last=False)
@@ -59,7 +78,7 @@ class ModelCache:
 def list_models() -> list[dict[str, Any]]:
     """Local models, then the finished models MLflow knows and this store does not (``source: "mlflow"``):
     generation fetches those on first use."""
-    models = [{**e.to_dict(), "source": "local"} for e in store.list_models()]
+    models = [{**e.to_dict(), "source": "local", **_failure(e.name, e.stamp)} for e in store.list_models()]
     local = {m["model_name"] for m in models}
     try:
         from slmb.core import tracking
@@ -73,5 +92,11 @@ def list_models() -> list[dict[str, Any]]:
             models.append({"model_name": name, "source": "mlflow", "has_structure": True,
                            "structure_file": f"runs:/{run.info.run_id}/{store.STRUCTURE}",
                            "mlflow_run_id": run.info.run_id, "task_id": run.data.tags.get("task_id"),
-                           "created": run.info.end_time})
+                           "created": run.info.end_time, "status": "ok", **_failure(name, run.info.run_id)})
     return models
+
+
+def _failure(name: str, identity: Any) -> dict[str, Any]:
+    """``status`` and ``error`` of a model whose files (as ``identity`` names them) failed a check here."""
+    failed = _failed.get(name)
+    return {"status": "broken", "error": failed[1]} if failed and failed[0] == identity else {}

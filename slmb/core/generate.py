@@ -66,6 +66,22 @@ def load_model(request: dict[str, Any], state_dict: dict[str, torch.Tensor], dev
     return model.eval()
 
 
+def weights_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str | None:
+    """How a state dict differs from the one a model expects (names and shapes), or None: what a strict
+    ``load_state_dict`` would refuse, said briefly."""
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    problems = []
+    if missing := sorted(set(expected) - set(got)):
+        problems.append(f"{len(missing)} tensor(s) missing ({names(missing)})")
+    if unexpected := sorted(set(got) - set(expected)):
+        problems.append(f"{len(unexpected)} unexpected tensor(s) ({names(unexpected)})")
+    problems += [f"{k} has shape {list(got[k].shape)}, the structure needs {list(t.shape)}"
+                 for k, t in expected.items() if k in got and got[k].shape != t.shape][:3]
+    return "; ".join(problems) or None
+
+
 class Generator:
     """Samples from a model. ``stream`` yields text deltas; ``generate`` returns the whole result.
 
@@ -238,10 +254,18 @@ def load_generator(name: str, device: str | torch.device = "cpu", dtype: str | N
                    ) -> tuple[Generator, dict[str, Any]]:
     """A generator for a completed model in the store, and the model's metadata. ``dtype="bf16"`` decodes with
     bf16 weights (see ``Generator``)."""
-    from slmb.core.store import load_completed
+    from slmb.core.store import BrokenModelError, load_completed
 
     request, state_dict, metadata = load_completed(name)
+    spec = TrainRequest.model_validate(request)  # the store checked that it is one
+    try:
+        model = build_model(spec, device="meta")
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise BrokenModelError(name, f"structure.json does not build a model: {exc}") from None
+    mismatch = weights_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise BrokenModelError(name, f"model.safetensors does not match structure.json: {mismatch}")
     model = load_model(request, state_dict, device)
-    tok_name = metadata.get("tokenizer") or TrainRequest.model_validate(request).config.tokenizer_name
+    tok_name = metadata.get("tokenizer") or spec.config.tokenizer_name
     weights = {None: None, "fp32": None, "bf16": torch.bfloat16}[dtype]
     return Generator(model, load_tokenizer(tok_name), dtype=weights), metadata

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
@@ -41,6 +42,16 @@ SAVE_PAUSE_ENV = "SLMB_TEST_SAVE_PAUSE_S"
 
 class StoreError(ValueError):
     """A bad model name or task id, or a model that is not in the store."""
+
+
+class BrokenModelError(StoreError):
+    """A model whose files cannot be used. ``reason`` names files relative to the model (``model.safetensors``),
+    never by a server path, so that HTTP answers can carry it. ``mlflow_run_id``: the broken copy is MLflow's."""
+
+    def __init__(self, name: str, reason: str, mlflow_run_id: str | None = None):
+        self.name, self.reason, self.mlflow_run_id = name, reason, mlflow_run_id
+        where = f" (the copy in MLflow run {mlflow_run_id})" if mlflow_run_id else ""
+        super().__init__(f"model {name!r} is broken{where}: {reason}")
 
 
 def slmb_home() -> Path:
@@ -254,11 +265,14 @@ def save_completed(name: str, request: Mapping[str, Any], state_dict: Mapping[st
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A complete model in the store."""
+    """A model in the store. ``error`` says why it cannot be used (its files are damaged); None when they look whole.
+    ``stamp`` identifies the files' contents (inode, size, mtime of each), so a cache can tell they changed."""
 
     name: str
     path: Path
     metadata: dict[str, Any]
+    error: str | None = None
+    stamp: tuple = ()
 
     @property
     def structure_file(self) -> Path:
@@ -269,41 +283,177 @@ class ModelEntry:
         return self.path / WEIGHTS
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.metadata, "model_name": self.name, "path": str(self.path),
-                "structure_file": str(self.structure_file), "has_structure": self.structure_file.is_file()}
+        out = {**self.metadata, "model_name": self.name, "path": str(self.path),
+               "structure_file": str(self.structure_file), "has_structure": self.structure_file.is_file(),
+               "status": "broken" if self.error else "ok"}
+        if self.error:
+            out["error"] = self.error
+        return out
 
 
-def _entry(name: str) -> ModelEntry | None:
-    path = _completed_root() / name
-    if not all((path / f).is_file() for f in (WEIGHTS, STRUCTURE, METADATA)):
-        return None
+# safetensors dtypes and their sizes in bytes: what a header may name.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def _check_weights(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file, judged from its header and size without reading tensor data
+    (what safetensors itself checks before loading); None when it is whole."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"{WEIGHTS} is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{WEIGHTS} is truncated: {size} bytes, less than a safetensors header"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return (f"{WEIGHTS} is truncated or not a safetensors file: its header needs {8 + n:,} bytes, "
+                    f"the file holds {size:,}")
+        if n > _MAX_HEADER_BYTES:
+            return f"{WEIGHTS} is not a safetensors file: a header of {n:,} bytes"
+        raw = f.read(n)
     try:
-        metadata = read_json(path / METADATA)
-    except (OSError, ValueError):
-        return None
-    return ModelEntry(name, path, metadata)
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        return f"{WEIGHTS} is not a safetensors file: its header is not JSON"
+    if not isinstance(header, dict):
+        return f"{WEIGHTS} is not a safetensors file: its header is not a JSON object"
+    meta = header.pop("__metadata__", None) or {}
+    spans = []
+    for name, info in header.items():
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (dtype not in _DTYPE_BYTES or not isinstance(shape, list) or not isinstance(offsets, list)
+                or len(offsets) != 2 or not all(type(v) is int and v >= 0 for v in [*shape, *offsets])
+                or offsets[0] > offsets[1]):
+            return f"{WEIGHTS} has a malformed header entry for tensor {name!r}"
+        nbytes = _DTYPE_BYTES[dtype] * math.prod(shape)
+        if offsets[1] - offsets[0] != nbytes:
+            return (f"{WEIGHTS}: tensor {name!r} ({dtype} {shape}) needs {nbytes:,} bytes, its data holds "
+                    f"{offsets[1] - offsets[0]:,}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            return f"{WEIGHTS}: the data of tensor {name!r} does not follow the tensor before it"
+        end = stop
+    data = size - 8 - n
+    if end > data:
+        return f"{WEIGHTS} is truncated: its header lists {end:,} bytes of tensor data, the file holds {data:,}"
+    if end < data:
+        return f"{WEIGHTS} has {data - end:,} bytes past its tensor data"
+    try:
+        aliases = json.loads(meta.get("slmb.aliases", "{}")) if isinstance(meta, dict) else None
+    except (TypeError, ValueError):
+        aliases = None
+    if not isinstance(aliases, dict) or not all(kept in header for kept in aliases.values()):
+        return f"{WEIGHTS} has malformed tied-weight aliases in its metadata"
+    return None
+
+
+def _json_problem(path: Path) -> tuple[Any, str | None]:
+    """(the parsed file, None) or (None, why it cannot be read)."""
+    try:
+        return read_json(path), None
+    except (ValueError, RecursionError) as exc:
+        return None, f"{path.name} is not valid JSON: {exc}"
+
+
+def check_model_files(path: Path) -> tuple[dict[str, Any], str | None]:
+    """(metadata, why the model in ``path`` cannot be used or None): every file present, the weights' header
+    consistent with the file's length, structure.json a valid request, metadata.json a JSON object. Reads no
+    tensor data, so listing many models stays fast; loading checks the rest."""
+    from pydantic import ValidationError
+
+    from slmb.core.spec import TrainRequest
+
+    if not path.is_dir():
+        return {}, "the model's directory is missing"
+    missing = [f for f in (WEIGHTS, STRUCTURE, METADATA) if not (path / f).is_file()]
+    if missing:
+        return {}, f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    metadata, problem = _json_problem(path / METADATA)
+    if problem is None and not isinstance(metadata, dict):
+        problem = f"{METADATA} is not a JSON object"
+    elif problem is None and not isinstance(metadata.get("tokenizer", ""), str):
+        problem = f"{METADATA}: tokenizer is not a string"
+    metadata = metadata if problem is None else {}
+    problem = problem or _check_weights(path / WEIGHTS)
+    if problem:
+        return metadata, problem
+    request, problem = _json_problem(path / STRUCTURE)
+    if problem:
+        return metadata, problem
+    try:
+        TrainRequest.model_validate(request)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        where = "".join(f"/{p}" for p in first["loc"]) or "/"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return metadata, f"{STRUCTURE} is not a valid request: {where}: {first['msg']}{more}"
+    return metadata, None
+
+
+def _stamp(path: Path) -> tuple:
+    try:
+        return (str(path.resolve()), *((s.st_ino, s.st_size, s.st_mtime_ns)
+                                       for s in (os.stat(path / f) for f in (WEIGHTS, STRUCTURE, METADATA))))
+    except OSError:
+        return ()
+
+
+def _entry(name: str) -> ModelEntry:
+    path = _completed_root() / name
+    try:
+        metadata, error = check_model_files(path)
+    except OSError as exc:  # unreadable (permissions), or removed while we looked
+        metadata, error = {}, f"its files cannot be read: {exc.strerror}"
+    return ModelEntry(name, path, metadata, error, _stamp(path))
 
 
 def list_models() -> list[ModelEntry]:
-    """The complete models, sorted by name. Partial saves and stray files are never listed."""
+    """The models in the store, sorted by name, broken ones included (with ``error`` set). Partial saves and
+    stray files are never listed."""
     root = _completed_root()
     if not root.is_dir():
         return []
-    names = sorted(p.name for p in root.iterdir() if MODEL_NAME_RE.match(p.name))
-    return [e for e in map(_entry, names) if e is not None]
+    names = sorted(p.name for p in root.iterdir()
+                   if MODEL_NAME_RE.match(p.name) and (p.is_symlink() or p.is_dir()))
+    return [_entry(name) for name in names]
 
 
 def get_model(name: str) -> ModelEntry:
-    entry = _entry(check_model_name(name))
-    if entry is None:
+    """The model ``name``, broken or not (see ``error``); a :class:`StoreError` when there is none."""
+    path = _completed_root() / check_model_name(name)
+    if not (path.is_symlink() or path.is_dir()):
         known = ", ".join(e.name for e in list_models()) or "none"
         raise StoreError(f"no completed model named {name!r} in {_completed_root()} (known: {known})")
-    return entry
+    return _entry(name)
+
+
+def read_model(path: Path, name: str, device: str | torch.device = "cpu"
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(request JSON as sent, state dict, metadata) of the model files in ``path``, checked in full (every tensor
+    loads). Raises :class:`BrokenModelError` saying why they cannot be used."""
+    metadata, problem = check_model_files(path)
+    if problem:
+        raise BrokenModelError(name, problem)
+    try:
+        weights = load_weights(path / WEIGHTS, device)
+    except Exception as exc:  # safetensors' own errors: whatever the header check could not see
+        raise BrokenModelError(name, f"{WEIGHTS} cannot be loaded: {str(exc).replace(str(path), '')}") from None
+    return read_json(path / STRUCTURE), weights, metadata
 
 
 def load_completed(name: str, device: str | torch.device = "cpu"
                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(request JSON as sent, state dict, metadata) of a completed model."""
+    """(request JSON as sent, state dict, metadata) of a completed model; :class:`BrokenModelError` if its files
+    cannot be used."""
     entry = get_model(name)
-    version = entry.path.resolve()  # read every file from one version even if a new one is published meanwhile
-    return read_json(version / STRUCTURE), load_weights(version / WEIGHTS, device), read_json(version / METADATA)
+    if entry.error:
+        raise BrokenModelError(name, entry.error)
+    # Every file from one version, even if a new one is published meanwhile.
+    return read_model(entry.path.resolve(), name, device)

@@ -26,13 +26,14 @@ from slmb.core.store import (
     METADATA,
     STRUCTURE,
     WEIGHTS,
+    BrokenModelError,
     StoreError,
     check_model_name,
     check_task_id,
-    load_weights,
-    read_json,
+    read_model,
     save_completed,
     slmb_home,
+    write_json,
 )
 
 # A tracking server that is down must cost seconds, not MLflow's default minutes of retries.
@@ -301,18 +302,21 @@ class MlflowSink:
         self._client.set_terminated(self.run_id, _FINAL_STATUS[state])
 
 
-def end_run(task_id: str, state: str, mlflow_client: Any = None) -> None:
+def end_run(task_id: str, state: str, mlflow_client: Any = None) -> bool:
     """Close the MLflow run of a task that ended without its trainer closing it (cancelled while queued, its
-    process killed): ``training_status`` = ``state`` (stopped or error), run status KILLED or FAILED. A task
-    without a run, or whose run has already ended, is left alone."""
+    process killed, tracking down at its end): ``training_status`` = ``state`` (finished, stopped or error), run
+    status FINISHED, KILLED or FAILED. A task without a run, or whose run has already ended, is left alone.
+    Returns whether a run was closed."""
     check_task_id(task_id)
     mlflow_client = mlflow_client or client()
     experiment = mlflow_client.get_experiment_by_name(experiment_name())
     runs = [] if experiment is None else mlflow_client.search_runs(
         [experiment.experiment_id], f"tags.task_id = '{task_id}'", max_results=1)
-    if runs and runs[0].info.status == "RUNNING":
-        mlflow_client.set_tag(runs[0].info.run_id, "training_status", state)
-        mlflow_client.set_terminated(runs[0].info.run_id, _FINAL_STATUS[state])
+    if not runs or runs[0].info.status != "RUNNING":
+        return False
+    mlflow_client.set_tag(runs[0].info.run_id, "training_status", state)
+    mlflow_client.set_terminated(runs[0].info.run_id, _FINAL_STATUS[state])
+    return True
 
 
 def finished_model_runs(mlflow_client: Any = None) -> dict[str, Any]:
@@ -350,14 +354,20 @@ def fetch_model(name: str, mlflow_client: Any = None) -> Path:
         files = {f.path for f in mlflow_client.list_artifacts(run.info.run_id)}
         if WEIGHTS not in files or STRUCTURE not in files:
             raise StoreError(f"MLflow run {run.info.run_id} of {name!r} has no {WEIGHTS} or {STRUCTURE}")
-        local = {f: Path(mlflow_client.download_artifacts(run.info.run_id, f, tmp))
-                 for f in (WEIGHTS, STRUCTURE, METADATA) if f in files}
-        metadata = read_json(local[METADATA]) if METADATA in local else {}
+        for f in (WEIGHTS, STRUCTURE, METADATA):
+            if f in files:
+                mlflow_client.download_artifacts(run.info.run_id, f, tmp)
+        if METADATA not in files:
+            write_json(Path(tmp) / METADATA, {})
+        try:  # the checks a local model gets: a broken copy is refused before it enters the store
+            request, weights, metadata = read_model(Path(tmp), name)
+        except BrokenModelError as exc:
+            raise BrokenModelError(name, exc.reason, run.info.run_id) from None
         metadata.update(source="mlflow", mlflow_run_id=run.info.run_id,
                         mlflow_experiment_id=run.info.experiment_id, mlflow_tracking_uri=tracking_uri())
         for key in ("model_name", "created", "slmb_version", "store_version", "weight_aliases"):
             metadata.pop(key, None)  # save_completed records these afresh
-        return save_completed(name, read_json(local[STRUCTURE]), load_weights(local[WEIGHTS]), metadata)
+        return save_completed(name, request, weights, metadata)
 
 
 def plot_loss_curve(curve: Mapping[str, list[tuple[int, float]]], path: Path) -> None:

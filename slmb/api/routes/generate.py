@@ -12,34 +12,48 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from slmb.api.routes.events import SSE_HEADERS, sse_message
-from slmb.api.routes.stop import check_name
+from slmb.api.trust import check_name, check_text
 from slmb.core.generate import Generation, Generator, SamplingParams
-from slmb.core.store import StoreError
+from slmb.core.spec import MAX_VOCAB
+from slmb.core.store import BrokenModelError, StoreError
 
 log = logging.getLogger("slmb.api")
 router = APIRouter(tags=["generation"])
+MODEL_ERRORS = {404: {"description": "no completed model of that name"},
+                409: {"description": "the model is broken: the detail names it and says why"}}
 
 
 class GenerateBody(BaseModel):
     """The canvas sends ``model_name``, ``input_text``, ``max_length``, ``temperature``, ``top_k``; the rest are
     slmb's sampling controls (:class:`slmb.core.generate.SamplingParams`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # JSON has no NaN or Infinity, but Python's json module reads them: refuse them here, as SamplingParams would.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model_name: str
     input_text: str = ""
     max_length: int = Field(default=50, ge=0, description="new tokens at most")
-    temperature: float = 0.7
-    top_k: int | None = 40
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    temperature: float = Field(default=0.7, ge=0.0, le=100.0, description="0 = greedy")
+    top_k: int | None = Field(default=40, ge=0, le=MAX_VOCAB, description="0 or null = off")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="null or 1 = off")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    seed: int | None = Field(default=None, ge=0, lt=1 << 64)  # what torch.manual_seed takes
     stop: list[str] = Field(default_factory=list, max_length=16)
 
     @field_validator("model_name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v)
+
+    @field_validator("input_text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return check_text(v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: list[str]) -> list[str]:
+        return [check_text(s) for s in v]
 
 
 def _params(body: GenerateBody, request: Request) -> SamplingParams:
@@ -61,13 +75,18 @@ def _params(body: GenerateBody, request: Request) -> SamplingParams:
 
 
 async def _generator(request: Request, name: str) -> Generator:
+    """The model's generator; 404 when there is no such model, 409 when its files are broken (the detail says
+    why, naming files relative to the model)."""
     try:
         return await run_in_threadpool(request.app.state.models.get, name)
+    except BrokenModelError as exc:
+        raise HTTPException(409, str(exc)) from None
     except StoreError:
         raise HTTPException(404, f"no completed model named {name!r}") from None
 
 
-@router.post("/generate-text", summary="Generate text with a completed model (output includes the prompt)")
+@router.post("/generate-text", summary="Generate text with a completed model (output includes the prompt)",
+             responses=MODEL_ERRORS)
 async def generate_text(body: GenerateBody, request: Request) -> dict:
     params = _params(body, request)
     generator = await _generator(request, body.model_name)
@@ -78,7 +97,8 @@ async def generate_text(body: GenerateBody, request: Request) -> dict:
 
 
 @router.post("/generate-text/stream", summary="Generate text as Server-Sent Events of text deltas",
-             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}, **MODEL_ERRORS})
 async def generate_text_stream(body: GenerateBody, request: Request) -> StreamingResponse:
     """Messages: ``start`` {model_name, input_text}, ``delta`` {text} per piece of text, then ``done``
     {output_text, finish_reason, new_tokens, tokens_per_sec} (or ``error``). Each is
