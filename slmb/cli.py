@@ -172,17 +172,9 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
           redis_url: str | None = typer.Option(None, "--redis-url", envvar="SLMB_REDIS_URL",
                                                help="a running Redis; without one a private redis-server starts"),
           workers: int = typer.Option(1, "--workers", min=0, help="worker processes to start (0: API only)"),
-          data_dir: Path | None = typer.Option(
-              None, "--data-dir", envvar="SLMB_DATA_DIR", file_okay=False, exists=True,
-              help="the data root: HTTP callers may name files and folders under it as datasets (else named "
-                   "datasets only)"),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM."""
     import logging
-    import os
-
-    if data_dir is not None:  # the API and the workers it starts read it from the environment
-        os.environ["SLMB_DATA_DIR"] = str(data_dir.resolve())
 
     from slmb.api.serve import serve as run_service
 
