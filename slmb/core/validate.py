@@ -54,9 +54,10 @@ class Summary:
     total_parameters: int
     trainable_parameters: int
     rows: list[NodeRow]
-    memory: dict[str, int]  # bytes
+    memory: dict[str, Any]  # bytes, and the device and dtype they were estimated for
     vocab_size: int
     context_length: int
+    estimate: Any = field(default=None, repr=False)  # memory.MemoryEstimate
 
 
 @dataclass
@@ -75,7 +76,7 @@ class Report:
         out: dict[str, Any] = {"valid": self.ok, "errors": [e.to_dict() for e in self.errors],
                                "warnings": [w.to_dict() for w in self.warnings]}
         if self.summary:
-            out["summary"] = asdict(self.summary)
+            out["summary"] = {k: v for k, v in asdict(self.summary).items() if k != "estimate"}
         return out
 
 
@@ -93,12 +94,19 @@ def pointer(*parts: Any) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def validate(body: Any, *, build: bool = True) -> Report:
-    """Validate a request body (the parsed JSON). Never raises for bad input: problems go into the report."""
+def validate(body: Any, *, build: bool = True, admit: bool = False, memory_limit: int | None = None) -> Report:
+    """Validate a request body (the parsed JSON). Never raises for bad input: problems go into the report.
+
+    ``admit``: also refuse a run whose estimated peak memory (``summary.memory``) is more than ``memory_limit``
+    bytes, or without one, than a worker here may use (``memory.worker_memory``: $SLMB_WORKER_MEMORY or the
+    machine's RAM / GPU memory)."""
     report = Report()
     depth_issue = _too_deep(body)
     if depth_issue:
         report.errors.append(depth_issue)
+        return report
+    report.errors.extend(_not_json(body))
+    if report.errors:
         return report
     try:
         report.request = TrainRequest.model_validate(body)
@@ -112,12 +120,29 @@ def validate(body: Any, *, build: bool = True) -> Report:
             (report.errors if issue.severity == "error" else report.warnings).append(issue)
     if report.ok and build:
         report.summary = summarize(report.plan)
+        if admit:
+            report.errors.extend(admission(report, memory_limit))
         weights = report.summary.memory["weights_fp32"]
-        if weights > BIG_WEIGHTS_BYTES:
+        if weights > BIG_WEIGHTS_BYTES and report.ok:
             report.warnings.append(Issue("", f"the weights alone need {weights / 2**30:,.0f} GiB in fp32",
                                          hint="check the dimensions for a typo", check="size",
                                          severity="warning"))
     return report
+
+
+def admission(report: Report, limit: int | None = None) -> list[Issue]:
+    """The memory error of a built report whose estimated peak is over ``limit`` (see ``validate``), or none."""
+    from slmb.core import memory
+
+    est = report.summary.estimate
+    limit, source = memory.worker_memory(est.device, limit)
+    message = memory.check(est, limit, source)
+    if message is None:
+        return []
+    states = est.terms["weights"] + est.terms["gradients"] + est.terms["adamw_states"]
+    return [Issue("/model" if states >= est.training_pass else "/config/batch_size", message,
+                  expected=f"<= {memory.human_bytes(limit)}", found=memory.human_bytes(est.peak),
+                  hint=memory.hint(est), check="memory")]
 
 
 def require_valid(body: Any) -> Report:
@@ -139,6 +164,42 @@ def _too_deep(body: Any) -> Issue | None:
         elif isinstance(value, list):
             stack.extend((v, (*path, i), depth + 1) for i, v in enumerate(value))
     return None
+
+
+def _not_json(body: Any, limit: int = 20) -> list[Issue]:
+    """Values that JSON cannot carry but Python's json module reads anyway: NaN, Infinity and lone UTF-16
+    surrogates ("\\ud800"). Nothing downstream can use them, and a report that held one could not be sent."""
+    issues: list[Issue] = []
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack and len(issues) < limit:
+        value, path = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found = "NaN" if math.isnan(value) else ("-" if value < 0 else "") + "Infinity"
+            issues.append(Issue(pointer(*path), "not a finite number", expected="a finite number", found=found,
+                                hint=_TYPE_HINTS["finite_number"]))
+        elif isinstance(value, str) and _has_surrogate(value):
+            issues.append(Issue(pointer(*path), "the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                "escape)", found=value.encode("utf-8", "backslashreplace").decode()[:80],
+                                hint=_TYPE_HINTS["string_unicode"]))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(k, str) and _has_surrogate(k):
+                    issues.append(Issue(pointer(*path), "a key holds a lone UTF-16 surrogate",
+                                        found=k.encode("utf-8", "backslashreplace").decode()[:80],
+                                        hint=_TYPE_HINTS["string_unicode"]))
+                else:
+                    stack.append((v, (*path, k)))
+        elif isinstance(value, list):
+            stack.extend((v, (*path, i)) for i, v in enumerate(value))
+    return sorted(issues, key=lambda i: i.path)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _short(value: Any, limit: int = 80) -> Any:
@@ -515,6 +576,9 @@ def check_model_name(p: Plan) -> Iterator[Issue]:
 
 def summarize(p: Plan) -> Summary:
     """Build on the meta device (no memory) and report parameters, output shapes and a memory estimate."""
+    from torch import nn
+
+    from slmb.core import memory
     from slmb.core import nodes as N
     from slmb.core.compiler import build_model
 
@@ -546,38 +610,16 @@ def summarize(p: Plan) -> Summary:
 
     visit(p.nodes, model.chain.layers, 0)
     total = model.num_parameters()
+    matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    est = memory.estimate(p, total, matrices)
     c = p.request.config
-    return Summary(total, model.num_parameters(trainable_only=True), rows,
-                   _memory(p, total, c.batch_size, c.context_length), p.vocab_size or 0, p.context_length)
+    t = est.terms
+    mem = {"weights_fp32": t["weights"], "weights_bf16": total * 2,
+           "training_states": t["weights"] + t["gradients"] + t["adamw_states"], **t, "training_total": est.peak,
+           "device": est.device, "dtype": est.dtype, "batch_size": c.batch_size, "context_length": c.context_length}
+    return Summary(total, model.num_parameters(trainable_only=True), rows, mem, p.vocab_size or 0, p.context_length,
+                   est)
 
 
 def _shape(width: int | None) -> str:
     return f"[B, T, {width}]" if width else "[B, T]"
-
-
-def _memory(p: Plan, params: int, batch: int, T: int) -> dict[str, int]:
-    """Rough training memory: weights, grads and AdamW states in fp32, plus saved activations.
-
-    Activations count every node's output once per expanded node (what autograd keeps), attention scores
-    when SDPA falls back to the math kernel, and the logits twice (fp32 logits and their softmax gradient).
-    """
-    flat = _expanded_nodes(p.nodes)
-    acts = sum(batch * T * (n.out_width or 0) for n in flat) * 4
-    heads = sum(batch * n.args["num_heads"] * T * T for n in flat if n.type in ("mhAttention", "gqAttention")
-                and n.args.get("num_heads")) * 4
-    logits = 2 * batch * T * (p.vocab_size or 0) * 4
-    weights = params * 4
-    return {"weights_fp32": weights, "weights_bf16": params * 2, "training_states": weights * 4,
-            "activations": acts + heads + logits, "training_total": weights * 4 + acts + heads + logits,
-            "batch_size": batch, "context_length": T}
-
-
-def _expanded_nodes(nodes: list[PlanNode]) -> list[PlanNode]:
-    out = []
-    for n in nodes:
-        if n.type == "transformerBlock":
-            for _ in range(n.repeat):
-                out.extend(_expanded_nodes(n.children))
-        else:
-            out.append(n)
-    return out

@@ -1,0 +1,298 @@
+"""Admission control (DESIGN.md §2.3): the peak memory of a training run, and what a worker may use.
+
+``estimate`` reads the compiler's plan and the parameter count of the meta-device build (validation has both)
+and adds up what the trainer holds at its peak, the second optimizer step (the AdamW states exist by then):
+
+    weights + gradients + AdamW (exp_avg, exp_avg_sq)           4 bytes per parameter each (fp32 master copies)
+    + best weights                                           a 4-byte copy when early stopping may roll back
+    + runtime                                                Python, torch, MLflow: a worker after its imports
+    + max(training pass, evaluation pass)
+      training pass = activations autograd saves for backward, for one micro-batch (batch_size x context_length),
+                      and the backward workspace of the largest node
+                      + the loss head (SLM.loss) + bf16/fp16 copies of the weights autocast makes
+      evaluation    = the largest tensors alive at once in a no-grad forward
+
+Gradients are counted whole while every activation is still saved: backward frees activations as it fills
+gradients, so the sum is an upper bound (by at most the gradients), as is counting every node's output as saved.
+docs/memory.md derives each term and compares the estimate with measured peaks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from slmb.core.compiler import Plan, PlanNode
+from slmb.core.model import CE_CHUNK_ELEMENTS, CUDA_FULL_LOGITS_MAX
+
+# What a run takes besides its tensors. CPU: a worker with torch, slmb and MLflow imported (420 MiB measured on
+# this project's machine) plus what a run of a tiny model adds (150 MiB: lazy imports, the dataset and its tokens,
+# allocator arenas); docs/memory.md. CUDA: the context, cuBLAS workspaces and the caching allocator's rounding.
+RUNTIME_BYTES = {"cpu": 768 << 20, "cuda": 1 << 30}
+# The default limit leaves this share of the machine's RAM (at least MIN_RESERVE) to the OS, the API, Redis
+# and the page cache: an estimate that fits in all of RAM would still push the machine into the OOM killer.
+RESERVE_SHARE = 0.1
+MIN_RESERVE = 2 << 30
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+class MemoryLimitError(ValueError):
+    """A run's estimated peak memory is more than the worker may use."""
+
+
+@dataclass
+class MemoryEstimate:
+    device: str  # "cpu" or "cuda": which memory the terms are in
+    dtype: str  # the compute precision the trainer will use there
+    parameters: int
+    terms: dict[str, int]  # bytes; their sum is the peak
+    training_pass: int  # activations + loss_head + weight_casts
+    evaluation_pass: int
+
+    @property
+    def peak(self) -> int:
+        return sum(self.terms.values())
+
+    def breakdown(self) -> str:
+        return ", ".join(f"{name.replace('_', ' ')} {human_bytes(n)}" for name, n in self.terms.items() if n)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} B" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def parse_bytes(text: str | int) -> int:
+    """"16GiB", "500MB", "1.5g", "1073741824" -> bytes. KB/MB/GB/TB are powers of 1000; KiB/MiB/GiB/TiB and the
+    bare K/M/G/T (as ``docker -m`` and ``ulimit`` read them) are powers of 1024."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = _SIZE.match(str(text))
+        if not m:
+            raise ValueError(f"not a memory size: {text!r} (use bytes, or a number with KB/MB/GB/TB or "
+                             "KiB/MiB/GiB/TiB, e.g. 16GiB)")
+        number, prefix, binary, b = m.groups()
+        power = "kmgtp".find(prefix.lower()) + 1
+        base = 1000 if prefix and b and not binary else 1024
+        value = int(float(number) * base**power)
+    if value <= 0:
+        raise ValueError(f"a memory size must be positive, got {text!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- limit
+
+
+def device_kind(device: str) -> str:
+    """The memory a run on ``device`` ("auto", "cpu", "cuda:1", "mps") uses: "cuda" or "cpu" (RAM; MPS shares it)."""
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def machine_memory(device: str = "cpu") -> int:
+    """What a worker here may use by default: the GPU's memory for CUDA; for the CPU, RAM (MemTotal, or the
+    cgroup's limit when lower) less a reserve of ``RESERVE_SHARE`` of it, at least ``MIN_RESERVE``."""
+    if device_kind(device) == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.device(device).index if device.startswith("cuda") else None
+            return torch.cuda.get_device_properties(index or 0).total_memory
+    ram = _ram_bytes()
+    return max(ram - max(int(ram * RESERVE_SHARE), MIN_RESERVE), ram // 2)
+
+
+def _ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def worker_memory(device: str = "cpu", setting: int | str | None = None) -> tuple[int, str]:
+    """(bytes a training worker may use, where that number comes from): ``setting`` when given, else
+    ``$SLMB_WORKER_MEMORY``, else ``machine_memory(device)``."""
+    if setting is not None:
+        return parse_bytes(setting), "the limit given"
+    if os.environ.get("SLMB_WORKER_MEMORY"):
+        return parse_bytes(os.environ["SLMB_WORKER_MEMORY"]), "SLMB_WORKER_MEMORY"
+    where = "this machine's GPU memory" if device_kind(device) == "cuda" else "this machine's RAM less a reserve"
+    return machine_memory(device), where
+
+
+# ---------------------------------------------------------------------------------------------------- estimate
+
+
+def estimate(p: Plan, parameters: int, matrix_parameters: int, device: str | None = None) -> MemoryEstimate:
+    """The peak memory of training ``p`` (see the module docstring).
+
+    Args:
+        p: the compiler's plan of a valid request.
+        parameters: the model's parameters (tied weights once), from the meta-device build.
+        matrix_parameters: the weights of its nn.Linear layers (what autocast casts to bf16/fp16).
+        device: where it will train (default: the request's ``config.device``).
+    """
+    cfg = p.request.config
+    device = device or cfg.device
+    kind = device_kind(device)
+    dtype = _compute_dtype(cfg.dtype, kind, parameters)
+    low = dtype != "fp32"
+    N = cfg.batch_size * cfg.context_length
+    acts = _Activations(kind, 2 if low else 4, cfg.batch_size, cfg.context_length)
+    trunk = _expanded(p.nodes)
+    head = trunk.pop() if trunk and trunk[-1].type == "linear" else None
+    saved = [acts.saved(n) for n in trunk]
+    # While a node's backward runs, its input gradients and temporaries take about what it saved.
+    activations = sum(saved) + max(saved, default=0)
+    loss = _loss_head(head, N, kind, low, bool(cfg.compile), tied=bool(head and head.args["weight_tying"]))
+    if head is None:  # full logits and F.cross_entropy: logits, their fp32 copy, log-softmax, its gradient
+        loss = N * (p.vocab_size or 0) * (acts.s + 12)
+    casts = 2 * matrix_parameters if low else 0
+    training = activations + loss + casts
+    widest = max((w for n in trunk for w in (n.in_width or 0, n.out_width or 0)), default=0)
+    evaluation = (max(saved, default=0) + 2 * N * widest * 4
+                  + _loss_head(head, N, kind, low, bool(cfg.compile), tied=False, grad=False))
+    weights = 4 * parameters
+    passes = ({"activations": activations, "loss_head": loss, "weight_casts": casts} if training >= evaluation
+              else {"evaluation": evaluation})
+    terms = {"weights": weights, "gradients": weights, "adamw_states": 2 * weights,
+             "best_weights": weights if cfg.early_stopping_patience is not None else 0, **passes,
+             "runtime": RUNTIME_BYTES[kind]}
+    return MemoryEstimate(kind, dtype, parameters, terms, training, evaluation)
+
+
+def check(est: MemoryEstimate, limit: int, source: str) -> str | None:
+    """None when ``est`` fits in ``limit``; else the message that says so, and what to change (hint)."""
+    if est.peak <= limit:
+        return None
+    return (f"training needs about {human_bytes(est.peak)} of {'GPU' if est.device == 'cuda' else 'RAM'} at its "
+            f"peak ({est.breakdown()}), more than the {human_bytes(limit)} a worker may use ({source})")
+
+
+def hint(est: MemoryEstimate) -> str:
+    t = est.terms
+    states = t["weights"] + t["gradients"] + t["adamw_states"] + t["best_weights"]
+    batch = ("lower batch_size (grad_accum_steps keeps the effective batch) or context_length"
+             + ("" if est.dtype != "fp32" else ", train in bf16 where the device supports it"))
+    model = ("use fewer or narrower blocks, a smaller embedding width or vocabulary (4 bytes x 4 per parameter "
+             "for weights, gradients and AdamW)")
+    first, second = (model, batch) if states >= est.training_pass else (batch, model)
+    return f"{first}; or {second}; or train on a machine with more memory (SLMB_WORKER_MEMORY sets the limit)"
+
+
+def _compute_dtype(dtype: str, kind: str, parameters: int) -> str:
+    import torch
+
+    from slmb.core.runtime import autocast_for
+
+    if kind == "cuda" and not torch.cuda.is_available():  # judged on a machine without the GPU
+        return "bf16" if dtype == "auto" else dtype
+    return autocast_for(dtype, torch.device(kind), parameters)[0]
+
+
+def _expanded(nodes: list[PlanNode]) -> list[PlanNode]:
+    out = []
+    for n in nodes:
+        out.extend(_expanded(n.children) * n.repeat if n.type == "transformerBlock" else [n])
+    return out
+
+
+@dataclass
+class _Activations:
+    """Bytes autograd keeps for one node at a micro-batch of B x T tokens: each node's output (the next one
+    saves it) and what the node saves inside. Under autocast, products and their outputs are in the low
+    precision (``s`` bytes) while norms compute in fp32 and the residual stream stays fp32."""
+
+    kind: str
+    s: int  # bytes of an activation element in the compute precision
+    B: int
+    T: int
+
+    def saved(self, n: PlanNode) -> int:
+        a, N, s = n.args, self.B * self.T, self.s
+        E = n.in_width or 0
+        low = s < 4
+        if n.type == "tokenEmbedding":
+            return N * (8 + a["emb_dim"] * 4)  # the ids and the fp32 lookup
+        if n.type == "positionalEmbedding":
+            return N * E * 4 if a["windowed"] else 0  # rotary/relative markers only change later attention
+        if n.type == "normalization":
+            fp32 = 2 if a["norm_type"] == "rmsnorm" else 1  # RMSNorm saves x and x·rsqrt; LayerNorm x
+            return N * E * (4 * fp32 + (s if low else 4)) + 8 * N  # + statistics
+        if n.type == "residual":
+            return N * E * 4
+        if n.type == "dropout":
+            return N * E * (1 + 4) if a["rate"] > 0 else 0  # the keep mask, the output
+        if n.type == "linear":
+            return N * ((2 * E) if low else 0) + N * a["out_dim"] * s
+        if n.type == "feedForward":
+            cast = 2 * N * E * (2 if a["gated"] else 1) if low else 0  # autocast's copy of the fp32 input
+            return cast + N * a["hidden_dim"] * s * (4 if a["gated"] else 2) + N * E * s
+        if n.type in ("mhAttention", "gqAttention"):
+            return self._attention(n)
+        return N * E * 4
+
+    def _attention(self, n: PlanNode) -> int:
+        a, N, s, B, T = n.args, self.B * self.T, self.s, self.B, self.T
+        E, H, KV, hd = n.in_width or 0, a["num_heads"], a["num_kv_heads"], a["head_dim"]
+        total = (2 * N * E if s < 4 else 0) + N * (H + 2 * KV) * hd * s  # input cast, qkv
+        if a["qk_norm"]:
+            total += 2 * N * (H + KV) * hd * 4
+        if a["rope"]:
+            total += N * (H + KV) * hd * s
+        # SDPA: its output and a per-row logsumexp; the math kernel (on the CPU with dropout or a mask) keeps
+        # the scores, their softmax and, with dropout, the mask and the dropped copy: (B, H, T, T) each.
+        total += N * H * hd * s + B * H * T * 4
+        math_kernel = self.kind == "cpu" and (a["dropout"] > 0 or a["relative"])
+        if math_kernel:
+            total += B * H * T * T * (2 * s + (s + 1 if a["dropout"] > 0 else 0)) + (2 * N * H * hd * s if KV != H
+                                                                                        else 0)
+        if a["relative"]:
+            total += H * T * T * (4 + s)  # the bias table lookup and the mask
+        return total + N * H * hd * s + N * E * s  # heads merged for proj, proj's output
+
+
+def _loss_head(head: PlanNode | None, N: int, kind: str, low: bool, compiled: bool, tied: bool,
+               grad: bool = True) -> int:
+    """SLM.loss with a linear head of (V, E): chunked cross-entropy, or full logits on CUDA when small."""
+    if head is None:
+        return 0
+    E, V = head.in_width or 0, head.args["out_dim"] or 0
+    s = 2 if low else 4
+    if kind == "cuda" and N * V <= CUDA_FULL_LOGITS_MAX and not compiled:
+        # logits in the compute precision, their fp32 copy, log-softmax and its gradient (fp32)
+        return N * V * (s + 12) if grad else N * V * (s + 4)
+    chunks = -(-N * V // CE_CHUNK_ELEMENTS)
+    rows = -(-N // max(1, chunks))
+    chunk = rows * V  # logits of one chunk
+    if not grad:
+        return chunk * (4 + (s if low else 0)) + ((N + V) * E * s if low else 0)
+    # backward: the saved dL/dh and dL/dW, their scaled copies (dL/dW's becomes the weight's gradient, counted
+    # there; one more when it is added to a tied embedding's gradient)
+    backward = 2 * N * E * 4 + V * E * 4 * (2 if tied else 1)
+    if not low:
+        # forward: dL/dh and dL/dW filled chunk by chunk; one chunk's logits and its dL/dh rows
+        return max(N * E * 4 + V * E * 4 + chunk * 4 + rows * E * 4, backward)
+    # bf16/fp16 forward: the inputs cast, the whole (N, V) gradient in the low precision, then either one chunk's
+    # logits in both precisions or, at the end, dL/dh and dL/dW in both
+    held = (N + V) * E * s + N * V * s
+    return max(held + chunk * (s + 4), held + (N + V) * E * (s + 4), backward)
