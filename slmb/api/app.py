@@ -16,11 +16,14 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -48,14 +51,19 @@ class Settings:
     public_url: str | None = None  # base of the absolute URLs in responses; default: the request's own
     sse_keepalive_s: float = 15.0
     reap_interval_s: float = 2.0  # how often dead training processes are looked for
+    reconcile_interval_s: float = 30.0  # how often Redis's tasks are squared with RQ and MLflow (and at start-up)
     stop_wait_s: float = 5.0  # a forced stop waits this long for the job to be killed before answering
     max_new_tokens: int = 1024
     max_input_chars: int = 20_000
-    max_body_bytes: int = 8 << 20
+    max_body_bytes: int = 8 << 20  # every route; a larger body is a 413, with or without Content-Length
+    data_dir: Path | None = None  # the data root: files under it may be named as datasets over HTTP (trust.py)
     model_cache_size: int = 4
+    worker_memory_bytes: int | None = None  # what a training may use; default: the machine's (core/memory.py)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
+        from slmb.core.memory import parse_bytes
+
         env = os.environ
         origins = env.get("SLMB_CORS_ORIGINS")
         values: dict[str, Any] = dict(
@@ -66,11 +74,14 @@ class Settings:
             public_url=env.get("SLMB_PUBLIC_URL") or None,
             sse_keepalive_s=_env_float("SLMB_SSE_KEEPALIVE", cls.sse_keepalive_s),
             reap_interval_s=_env_float("SLMB_REAP_INTERVAL_S", cls.reap_interval_s),
+            reconcile_interval_s=_env_float("SLMB_RECONCILE_INTERVAL_S", cls.reconcile_interval_s),
             stop_wait_s=_env_float("SLMB_STOP_WAIT_S", cls.stop_wait_s),
             max_new_tokens=int(env.get("SLMB_MAX_NEW_TOKENS") or cls.max_new_tokens),
             max_input_chars=int(env.get("SLMB_MAX_INPUT_CHARS") or cls.max_input_chars),
             max_body_bytes=int(env.get("SLMB_MAX_BODY_BYTES") or cls.max_body_bytes),
+            data_dir=Path(env["SLMB_DATA_DIR"]).expanduser().absolute() if env.get("SLMB_DATA_DIR") else None,
             model_cache_size=int(env.get("SLMB_MODEL_CACHE") or cls.model_cache_size),
+            worker_memory_bytes=parse_bytes(env["SLMB_WORKER_MEMORY"]) if env.get("SLMB_WORKER_MEMORY") else None,
         )
         values.update(overrides)
         return cls(**values)
@@ -98,14 +109,21 @@ def require_token_or_query(request: Request) -> None:
 
 
 async def _reap_forever(app: FastAPI) -> None:
-    from slmb.api.worker import reap_dead_tasks
+    """End the runs whose process is gone, often; reconcile every task at start-up and now and then."""
+    from slmb.api.worker import reap_dead_tasks, reconcile
 
+    settings: Settings = app.state.settings
+    next_reconcile = 0.0
     while True:
-        await asyncio.sleep(app.state.settings.reap_interval_s)
+        now = asyncio.get_running_loop().time()
         try:
             await run_in_threadpool(reap_dead_tasks, app.state.redis)
-        except Exception as exc:  # Redis away for a moment: try again next time
-            log.warning("looking for dead training processes failed: %s: %s", type(exc).__name__, exc)
+            if now >= next_reconcile:
+                await run_in_threadpool(reconcile, app.state.redis)
+                next_reconcile = now + settings.reconcile_interval_s
+        except Exception as exc:  # Redis or MLflow away for a moment: try again next time
+            log.warning("reaping or reconciling tasks failed: %s: %s", type(exc).__name__, exc)
+        await asyncio.sleep(settings.reap_interval_s)
 
 
 async def _warm_tracking() -> None:
@@ -139,6 +157,71 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis.close()
 
 
+JSON_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyGuard:
+    """ASGI middleware in front of every route: a JSON route (any POST, PUT or PATCH) needs ``Content-Type:
+    application/json`` (415 otherwise, so no web page can send one without a CORS preflight), and no body may
+    pass ``limit`` bytes (413). The limit is checked on the declared Content-Length before anything is read, and
+    on the bytes as they arrive, so a chunked body is refused after ``limit`` bytes and never held in memory."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if scope["method"] in JSON_METHODS and not _is_json(headers.get(b"content-type", b"")):
+            return await _refuse(send, 415, "the body must be JSON, sent with Content-Type: application/json")
+        length = headers.get(b"content-length", b"")  # the server has checked that it is a number
+        if length.isdigit() and int(length) > self.limit:
+            return await _refuse(send, 413, f"the body is larger than {self.limit} bytes")
+        seen, over, started = 0, False, False
+
+        async def limited_receive() -> dict:
+            nonlocal seen, over
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                over = True
+                raise _TooLarge
+            return message
+
+        async def send_unless_over(message: dict) -> None:
+            nonlocal started
+            if not over:  # else it is the app's answer to a body it could not read: the 413 goes instead
+                started = True
+                await send(message)
+
+        with contextlib.suppress(_TooLarge):
+            await self.app(scope, limited_receive, send_unless_over)
+        if over and not started:
+            await _refuse(send, 413, f"the body is larger than {self.limit} bytes")
+
+
+def _is_json(content_type: bytes) -> bool:
+    media, *params = (p.strip().lower() for p in content_type.decode("latin-1").split(";"))
+    return media == "application/json" and all(p in ("charset=utf-8", 'charset="utf-8"') for p in params)
+
+
+async def _refuse(send: Any, status: int, detail: str) -> None:
+    await JSONResponse({"detail": detail}, status_code=status)({"type": "http"}, None, send)
+
+
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, with the caller's input made printable: a NaN or a lone surrogate echoed back as it came
+    would make the response itself fail."""
+    from slmb.api.trust import printable
+
+    return JSONResponse({"detail": printable(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     """A 500 says nothing about its cause to the client; the log has it, under the request id."""
     request_id = uuid.uuid4().hex[:16]
@@ -160,9 +243,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Train small language models described as JSON; follow them; generate text.")
     app.state.settings = settings or Settings.from_env()
     origins = app.state.settings.cors_origins
+    # Added first, so it runs inside CORS: its 413 and 415 answers carry the CORS headers a browser needs to read.
+    app.add_middleware(BodyGuard, limit=app.state.settings.max_body_bytes)
     app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
     app.add_exception_handler(Exception, _internal_error)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
     for exc_type in (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
         app.add_exception_handler(exc_type, _redis_unavailable)
     app.include_router(events.router, prefix=API_PREFIX, dependencies=[Depends(require_token_or_query)])

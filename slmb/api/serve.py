@@ -1,8 +1,17 @@
 """``slmb serve``: the whole service on one machine in one command (DESIGN.md §5).
 
-Without a Redis URL it starts a private ``redis-server`` (free port, temporary directory, no persistence);
-it starts ``workers`` worker processes (``slmb worker``) and runs the API with uvicorn in this process. On
-Ctrl-C or SIGTERM, uvicorn stops serving, the trainings our workers run are asked to stop cooperatively
+Without a Redis URL it starts a private ``redis-server`` on 127.0.0.1 whose data lives in ``$SLMB_HOME/redis``
+(an append-only file), so a restart of Redis or of ``slmb serve`` keeps queued jobs, events and statuses; its URL
+is written to ``$SLMB_HOME/redis/url``. It starts ``workers`` worker processes (``slmb worker``) and runs the API
+with uvicorn in this process.
+
+What it starts it supervises: a child that exits is logged with its exit status or signal and started again
+after a backoff that doubles from ``SLMB_RESTART_BACKOFF_S`` up to ``SLMB_RESTART_BACKOFF_MAX_S`` and starts over
+once a child has run ``SLMB_RESTART_STABLE_S`` seconds. Redis comes back on the same port with its data; a
+worker comes back under a new name (RQ refuses a name whose registration has not expired). ``/healthz`` shows
+each child's restarts and last exit.
+
+On Ctrl-C or SIGTERM, uvicorn stops serving, the trainings our workers run are asked to stop cooperatively
 (they checkpoint), the workers get a warm shutdown and, after a grace period, SIGKILL; then Redis stops.
 The children also die with this process if it is killed outright (``PR_SET_PDEATHSIG``).
 """
@@ -10,6 +19,7 @@ The children also die with this process if it is killed outright (``PR_SET_PDEAT
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -17,13 +27,19 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("slmb.serve")
 STOP_GRACE_S = 30.0
+# A child that exits is started again after a backoff that doubles from the first to the cap, and starts over once
+# the child has run for the stable period.
+BACKOFF_ENV, DEFAULT_BACKOFF_S = "SLMB_RESTART_BACKOFF_S", 1.0
+BACKOFF_MAX_ENV, DEFAULT_BACKOFF_MAX_S = "SLMB_RESTART_BACKOFF_MAX_S", 30.0
+STABLE_ENV, DEFAULT_STABLE_S = "SLMB_RESTART_STABLE_S", 60.0
+REDIS_DIR = "redis"  # under $SLMB_HOME
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,7 +48,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _child(argv: list[str], sig: int, **kwargs: Any) -> subprocess.Popen:
+def _popen(argv: list[str], sig: int, **kwargs: Any) -> subprocess.Popen:
     from slmb.api.worker import die_with_parent
 
     # A session of its own: the terminal's Ctrl-C reaches only `serve`, which stops the children in order.
@@ -49,56 +65,225 @@ def _stop(proc: subprocess.Popen, grace_s: float, sig: int = signal.SIGTERM) -> 
             proc.wait()
 
 
-@contextlib.contextmanager
-def private_redis(timeout_s: float = 10.0) -> Iterator[str]:
-    """A throwaway ``redis-server`` on a free local port; yields its URL."""
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+        return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+class Child:
+    """One process that ``slmb serve`` keeps running. ``argv(n)`` gives the command of its ``n``-th start."""
+
+    def __init__(self, name: str, argv: Callable[[int], list[str]], on_exit: Callable[[Child], None] | None = None):
+        self.name, self.argv, self.on_exit = name, argv, on_exit
+        self.proc: subprocess.Popen | None = None
+        self.cmd: list[str] = []
+        self.restarts = 0
+        self.started_at = 0.0
+        self.last_exit: str | None = None
+        self.last_exit_at: float | None = None
+        self.backoff_s = 0.0
+        self.next_start: float | None = None
+
+    def start(self) -> None:
+        self.cmd = self.argv(self.restarts)
+        self.proc = _popen(self.cmd, signal.SIGKILL)
+        self.started_at, self.next_start = time.monotonic(), None
+
+    def describe(self) -> dict[str, Any]:
+        alive = self.proc is not None and self.proc.poll() is None
+        return {"name": self.name, "alive": alive, "restarts": self.restarts,
+                "uptime_s": round(time.monotonic() - self.started_at, 1) if alive else None,
+                "last_exit": self.last_exit,
+                "last_exit_s_ago": None if self.last_exit_at is None else round(time.time() - self.last_exit_at, 1)}
+
+
+class Supervisor:
+    """Restarts the children that exit, with capped exponential backoff, from a thread of its own.
+
+    The thread lives as long as the process: Linux's parent-death signal, which takes the children down with
+    ``serve``, fires when the *thread* that started a child ends. :meth:`stop` only ends the restarts."""
+
+    def __init__(self, interval_s: float = 0.25):
+        self.children: list[Child] = []
+        self.backoff_s = _env_float(BACKOFF_ENV, DEFAULT_BACKOFF_S)
+        self.backoff_max_s = _env_float(BACKOFF_MAX_ENV, DEFAULT_BACKOFF_MAX_S)
+        self.stable_s = _env_float(STABLE_ENV, DEFAULT_STABLE_S)
+        self.interval_s = interval_s
+        self._stopping = False
+        self._lock = threading.Lock()  # held while a child is checked and restarted
+        self._thread = threading.Thread(target=self._run, name="slmb-supervisor", daemon=True)
+
+    def add(self, child: Child) -> Child:
+        child.start()
+        self.children.append(child)
+        return child
+
+    def run_in_background(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No more restarts from now on (the children are stopped by whoever started the service)."""
+        with self._lock:
+            self._stopping = True
+
+    def state(self) -> list[dict[str, Any]]:
+        return [c.describe() for c in self.children]
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval_s)
+            with self._lock:
+                for child in [] if self._stopping else self.children:
+                    try:
+                        self.check(child)
+                    except Exception:  # a failed start is retried after the longest backoff; the thread lives on
+                        log.exception("supervising %s failed", child.name)
+                        child.proc, child.next_start = None, time.monotonic() + self.backoff_max_s
+
+    def check(self, child: Child) -> None:
+        now = time.monotonic()
+        if child.next_start is None and child.proc is not None and child.proc.poll() is not None:
+            ran_s = now - child.started_at
+            child.last_exit, child.last_exit_at = describe_exit(child.proc.returncode), time.time()
+            child.backoff_s = (self.backoff_s if ran_s >= self.stable_s or not child.backoff_s
+                               else min(child.backoff_s * 2, self.backoff_max_s))
+            child.next_start = now + child.backoff_s
+            log.warning("%s (pid %d) %s after %.1f s; restarting it in %.1f s", child.name, child.proc.pid,
+                        child.last_exit, ran_s, child.backoff_s)
+            if child.on_exit is not None:
+                child.on_exit(child)
+        if child.next_start is not None and now >= child.next_start:
+            child.restarts += 1
+            child.start()
+            log.warning("%s restarted (restart %d, pid %d)", child.name, child.restarts, child.proc.pid)
+
+
+# ---------------------------------------------------------------------------------------------------- Redis
+
+
+def _wait_for_redis(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.exceptions.BusyLoadingError:  # replaying its append-only file
+                pass
+            except redis.ConnectionError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited ({describe_exit(proc.returncode)}) on {url}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer on {url} within {timeout_s:g} s")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def _port_of_last_run(url_file: Any) -> int | None:
+    """The port Redis had last time, if it is free: clients that kept ``SLMB_REDIS_URL`` find it again."""
+    with contextlib.suppress(OSError, ValueError):
+        port = int(url_file.read_text().strip().rsplit(":", 1)[1].split("/")[0])
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+        return port
+    return None
+
+
+@contextlib.contextmanager
+def private_redis(supervisor: Supervisor, timeout_s: float = 60.0) -> Iterator[str]:
+    """A supervised ``redis-server`` on 127.0.0.1 keeping its data in ``$SLMB_HOME/redis``; yields its URL.
+
+    ``appendfsync everysec``: Redis writes every change to the file before it answers, so a killed redis-server
+    loses nothing; only a crash of the whole machine can lose the last second. ``always`` would add an fsync to
+    every event and heartbeat for that."""
+    from slmb.core.store import slmb_home
 
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed (e.g. apt-get install redis-server), "
                            "or pass --redis-url to use a running Redis")
-    workdir = tempfile.mkdtemp(prefix="slmb-redis-")
-    port = free_port()
-    proc = _child([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                   "--dir", workdir, "--daemonize", "no", "--loglevel", "warning"], signal.SIGKILL)
-    url = f"redis://127.0.0.1:{port}/0"
+    workdir = slmb_home() / REDIS_DIR
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = open(workdir / "lock", "w")  # noqa: SIM115 - held, and so locked, while this service runs
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-        client.close()
-        log.info("private Redis at %s", url)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise RuntimeError(f"another slmb serve is using the Redis data in {workdir}; stop it, or give this one "
+                           "another SLMB_HOME or --redis-url") from None
+    url_file = workdir / "url"
+    port = _port_of_last_run(url_file) or free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no", "--loglevel", "warning"]
+    child = supervisor.add(Child("redis", lambda _: argv))
+    try:
+        _wait_for_redis(url, child.proc, timeout_s)
+        url_file.write_text(url + "\n")
+        log.info("private Redis at %s, data in %s", url, workdir)
         yield url
     finally:
-        _stop(proc, 5.0)
-        shutil.rmtree(workdir, ignore_errors=True)
+        supervisor.stop()
+        if child.proc is not None:
+            _stop(child.proc, 10.0)  # SIGTERM: Redis flushes its append-only file
+        lock.close()
 
 
-def start_workers(redis_url: str, n: int, queue: str) -> list[tuple[str, subprocess.Popen]]:
-    names = [f"slmb-serve-{os.getpid()}-{i}" for i in range(n)]
-    return [(name, _child([sys.executable, "-m", "slmb", "worker", "--redis-url", redis_url, "--queue", queue,
-                           "--name", name], signal.SIGKILL)) for name in names]
+# ---------------------------------------------------------------------------------------------------- workers
 
 
-def stop_workers(redis_url: str, workers: list[tuple[str, subprocess.Popen]], queue: str,
-                 grace_s: float = STOP_GRACE_S) -> None:
+def _forget_worker(redis_url: str, name: str) -> None:
+    """Unregister a dead worker at once, rather than when its registration expires (a minute): /healthz and
+    stop_workers then see only the workers that run."""
+    import redis
+    from rq import Worker
+
+    conn = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        worker = Worker.find_by_key(Worker.redis_worker_namespace_prefix + name, connection=conn)
+        if worker is not None:
+            worker.register_death()
+    except redis.RedisError as exc:
+        log.warning("could not unregister the dead worker %s: %s", name, exc)
+    finally:
+        conn.close()
+
+
+def start_workers(supervisor: Supervisor, redis_url: str, n: int, queue: str) -> list[Child]:
+    def argv(i: int) -> Callable[[int], list[str]]:
+        return lambda restarts: [sys.executable, "-m", "slmb", "worker", "--redis-url", redis_url, "--queue", queue,
+                                 "--name", worker_name(i, restarts)]
+
+    return [supervisor.add(Child(f"worker-{i}", argv(i), on_exit=lambda c: _forget_worker(redis_url, c.cmd[-1])))
+            for i in range(n)]
+
+
+def worker_name(i: int, restarts: int) -> str:
+    return f"slmb-serve-{os.getpid()}-{i}" + (f".{restarts}" if restarts else "")
+
+
+def stop_workers(redis_url: str, workers: list[Child], queue: str, grace_s: float = STOP_GRACE_S) -> None:
     """Ask the trainings on these workers to stop (they checkpoint), then shut the workers down."""
-    if not workers:
+    procs = [c.proc for c in workers if c.proc is not None]
+    if not procs:
         return
     from rq import Worker
 
     from slmb.api import redis_events as rev
     from slmb.api.worker import get_queue
 
-    names = {name for name, _ in workers}
+    names = {c.cmd[-1] for c in workers}  # a worker's command ends with its name
     try:
         conn = rev.connect(redis_url)
         for w in Worker.all(connection=conn, queue=get_queue(conn, queue)):
@@ -108,11 +293,11 @@ def stop_workers(redis_url: str, workers: list[tuple[str, subprocess.Popen]], qu
                 rev.RedisControl(conn).request_stop(job_id)
     except Exception as exc:  # Redis is gone: the workers are stopped all the same
         log.warning("could not ask running trainings to stop: %s", exc)
-    for _, proc in workers:
+    for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # RQ's warm shutdown: the current job ends first
     deadline = time.monotonic() + grace_s
-    for _, proc in workers:
+    for proc in procs:
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -126,16 +311,23 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
 
     from slmb.api.app import Settings, create_app
 
+    supervisor = Supervisor()
     with contextlib.ExitStack() as stack:
+        stack.callback(supervisor.stop)
         if redis_url is None:
-            redis_url = stack.enter_context(private_redis())
+            redis_url = stack.enter_context(private_redis(supervisor))
         # Every process of the stack (and `slmb train --queue` run from this shell's children) finds Redis here.
         os.environ["SLMB_REDIS_URL"] = redis_url
         settings = Settings.from_env(redis_url=redis_url)
-        procs = start_workers(redis_url, workers, settings.queue)
-        stack.callback(stop_workers, redis_url, procs, settings.queue)
+        children = start_workers(supervisor, redis_url, workers, settings.queue)
+        # Runs after the supervisor has stopped (callbacks run last-in first-out): no worker is restarted then.
+        stack.callback(stop_workers, redis_url, children, settings.queue)
+        stack.callback(supervisor.stop)
+        supervisor.run_in_background()
         log.info("API on http://%s:%d, %d worker(s), Redis %s", host, port, workers, redis_url)
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host=host, port=port, log_level=log_level))
+        app = create_app(settings)
+        app.state.supervisor = supervisor
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
         # uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM's default action would
         # end the process before the workers and Redis are stopped, so make it an exception like Ctrl-C.
         signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -10,12 +10,19 @@ How a run ends when the trainer cannot say so itself:
 - the work-horse dies (OOM killer, a crash): its worker sees it at once and ends the stream with ``error``;
 - the worker is killed: the work-horse dies with it (``PR_SET_PDEATHSIG``), the liveness key the worker
   renewed expires, and :func:`reap_dead_tasks` (run by the API every few seconds and by ``slmb train
-  --queue`` while it follows) fails the job and ends the stream with ``error``. RQ's own abandoned-job check
-  would take over a minute.
+  --queue`` while it follows) fails the job and ends the stream with ``error``, after one more liveness
+  period of grace (a Redis stall or restart also lets the key lapse while the worker lives). RQ's own
+  abandoned-job check would take over a minute;
+- anything else (a job RQ failed or lost, an MLflow run left RUNNING): :func:`reconcile`, run by the API at
+  start-up and every ``SLMB_RECONCILE_INTERVAL_S``.
+
+A worker rides out Redis stalls and restarts: heartbeats that fail are skipped while the work-horse trains on,
+and when RQ's loop gives up on Redis, :func:`run_worker` waits for it and starts the loop again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +35,7 @@ from typing import Any
 
 import redis
 from rq import Callback, Queue, Worker, get_current_job
-from rq.job import JobStatus
+from rq.job import Job, JobStatus
 from rq.job_lifecycle import record_job_failure
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -43,6 +50,9 @@ QUEUE_ENV, DEFAULT_QUEUE = "SLMB_QUEUE", "slmb"
 HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S = "SLMB_HEARTBEAT_S", 2  # whole seconds: RQ's monitor times with alarm()
 HEARTBEAT_MISSES = 3  # the liveness key lives this many intervals
 FINALIZE_TTL_S = 120  # liveness granted to a worker's stop/failure callback, which may wait on MLflow
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+MAX_REDIS_WAIT_S = 10.0  # a worker that lost Redis tries again at least this often
+MLFLOW_CHECKED = "mlflow_checked"  # task hash field: reconcile has seen the ended task's MLflow run closed
 JOB_TIMEOUT_ENV = "SLMB_JOB_TIMEOUT_S"  # RQ's default of 180 s would kill every real training run
 
 
@@ -60,15 +70,16 @@ def get_queue(conn: redis.Redis, name: str | None = None) -> Queue:
 
 
 def submit(conn: redis.Redis, request: Mapping[str, Any], *, task_id: str | None = None,
-           queue: str | None = None) -> str:
+           queue: str | None = None, origin: str = "http") -> str:
     """Record a (validated) request in Redis, emit ``queued`` and enqueue its training job. Returns the task id,
-    which is also the RQ job id."""
+    which is also the RQ job id. ``origin`` "cli" (``slmb train --queue``, the machine's owner) lets the worker
+    read local paths; any other task is trained confined (:mod:`slmb.api.trust`)."""
     task_id = task_id or new_task_id()
     q = get_queue(conn, queue)
     model_name = request.get("modelName") or request.get("model_name") or ""
     with conn.pipeline() as pipe:
         pipe.hset(rev.task_key(task_id), mapping={"model_name": model_name, "queue": q.name,
-                                                  "created": time.time()})
+                                                  "created": time.time(), "origin": origin})
         pipe.set(rev.request_key(task_id), json.dumps(dict(request)))
         pipe.execute()
     control = rev.RedisControl(conn)
@@ -99,7 +110,7 @@ def enqueue_request(conn: redis.Redis, request: Mapping[str, Any], overrides: Ma
     task_id = new_task_id()
     if not report.request.model_name:  # the same default the trainer would pick
         body["modelName"] = f"model-{task_id[:8]}"
-    return submit(conn, body, task_id=task_id, queue=queue)
+    return submit(conn, body, task_id=task_id, queue=queue, origin="cli")
 
 
 def load_request(conn: redis.Redis, task_id: str) -> dict[str, Any]:
@@ -124,8 +135,9 @@ def train_job(task_id: str) -> dict[str, Any]:
     from slmb.core.trainer import train
 
     try:
-        result = train(load_request(conn, task_id), task_id=task_id, sinks=[rev.RedisEventSink(conn, task_id)],
-                       control=control)
+        sink = rev.RedisEventSink(conn, task_id)  # rides out Redis faults; so does the control built on it
+        result = train(load_request(conn, task_id), task_id=task_id, sinks=[sink], control=rev.TrainerControl(sink),
+                       confined=conn.hget(rev.task_key(task_id), "origin") != b"cli")
     except Exception as exc:
         # The trainer reports its own errors; this covers what fails before it can (a missing request).
         control.close_failed(task_id, f"{type(exc).__name__}: {exc}", type(exc).__name__)
@@ -172,9 +184,17 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
+def liveness_s() -> int:
+    return heartbeat_s() * HEARTBEAT_MISSES
+
+
 def beat(conn: redis.Redis, task_id: str, ttl_s: float | None = None) -> None:
     """Renew a task's liveness key (``slmb:task:<id>:alive``)."""
-    conn.set(rev.alive_key(task_id), os.getpid(), px=int((ttl_s or heartbeat_s() * HEARTBEAT_MISSES) * 1000))
+    conn.set(rev.alive_key(task_id), os.getpid(), px=int((ttl_s or liveness_s()) * 1000))
+
+
+def grace_key(task_id: str) -> str:
+    return f"slmb:task:{task_id}:grace"
 
 
 class TrainingWorker(Worker):
@@ -182,19 +202,41 @@ class TrainingWorker(Worker):
     work-horse's): a horse busy in a long call that holds the GIL (``torch.compile``) never looks dead, a dead
     horse is handled by this worker (RQ's failure callback), and a dead worker stops the key."""
 
+    stopping = False  # asked to stop (SIGTERM, SIGINT), as opposed to RQ's loop giving up on Redis
+
+    def request_stop(self, signum: Any, frame: Any) -> None:
+        self.stopping = True
+        super().request_stop(signum, frame)
+
     def execute_job(self, job: Any, queue: Queue) -> None:
         with self.connection.pipeline() as pipe:  # one transaction: a running task always has a live key
             pipe.sadd(rev.RUNNING, job.id)
-            pipe.set(rev.alive_key(job.id), os.getpid(), px=heartbeat_s() * HEARTBEAT_MISSES * 1000)
+            pipe.set(rev.alive_key(job.id), os.getpid(), px=liveness_s() * 1000)
             pipe.execute()
         try:
             super().execute_job(job, queue)
         finally:
-            self.connection.delete(rev.alive_key(job.id))
+            with contextlib.suppress(*REDIS_ERRORS):  # else the key expires by itself
+                self.connection.delete(rev.alive_key(job.id))
 
     def maintain_heartbeats(self, job: Any, execution: Any) -> None:
-        super().maintain_heartbeats(job, execution)
-        beat(self.connection, job.id)
+        try:
+            super().maintain_heartbeats(job, execution)
+            beat(self.connection, job.id)
+        except REDIS_ERRORS as exc:
+            # Redis stalled or restarting: the work-horse trains on, the beats resume once Redis answers, and
+            # the reaper's grace covers the gap. RQ would let this end the worker, and the horse with it.
+            self.log.warning("Worker %s: heartbeat for job %s failed (%s: %s); trying again", self.name, job.id,
+                             type(exc).__name__, exc)
+
+    def teardown(self) -> None:
+        """RQ's, but Redis being away does not stop the worker from starting over (its registration expires)."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            self.register_death()
+        with contextlib.suppress(*REDIS_ERRORS):
+            self.unsubscribe()
+        if self.pubsub_thread is not None and self.pubsub_thread.is_alive():
+            self.pubsub_thread.stop()
 
     def handle_work_horse_killed(self, job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
         """The work-horse died without being asked to (RQ calls no failure callback for that)."""
@@ -209,10 +251,13 @@ class TrainingWorker(Worker):
 
 
 def reap_dead_tasks(conn: redis.Redis) -> list[str]:
-    """Fail the tasks whose training process stopped beating without ending its stream. Returns their ids.
+    """End the tasks whose training process stopped beating without ending its stream. Returns their ids.
 
-    Safe to run from many places at once: the terminal ``error`` is appended once, and failing an RQ job
-    that has already failed changes nothing."""
+    A lapsed liveness key first earns one more liveness period: after a Redis stall or restart the key may
+    have expired while the worker, alive, could not renew it. A task still silent after that ends with ``error``
+    (``stopped`` if a forced stop was asked for) and its RQ job fails, so it never stays STARTED. Safe to run
+    from many places at once: the terminal event is appended once, and failing a failed RQ job changes nothing.
+    """
     reaped = []
     for raw in conn.smembers(rev.RUNNING):
         task_id = raw.decode()
@@ -221,20 +266,95 @@ def reap_dead_tasks(conn: redis.Redis) -> list[str]:
             continue
         if conn.exists(rev.alive_key(task_id)):
             continue
-        message = (f"no heartbeat from the task's worker for {heartbeat_s() * HEARTBEAT_MISSES} s: the worker "
-                   "was killed or lost, or the job ended without a final event")
-        job = rev.fetch_job(conn, task_id)
-        if job is not None and job.get_status() == JobStatus.STARTED:
-            with conn.pipeline() as pipe:
-                StartedJobRegistry(job.origin, connection=conn, serializer=JSONSerializer).remove_executions(
-                    job, pipeline=pipe)
-                record_job_failure(job, message, pipe)
-                pipe.execute()
-        rev.RedisControl(conn).close_failed(task_id, message, "WorkerLost")
+        if conn.set(grace_key(task_id), 1, nx=True, px=3 * liveness_s() * 1000):
+            conn.set(rev.alive_key(task_id), "grace", nx=True, px=liveness_s() * 1000)
+            continue
+        message = (f"no heartbeat from the task's worker for {2 * liveness_s()} s: the worker was killed or "
+                   "lost, or the job ended without a final event")
+        _fail_job(conn, rev.fetch_job(conn, task_id), message)
+        if _force_stop_requested(conn, task_id):
+            rev.RedisControl(conn).close_forced(task_id, f"the training process was killed or lost ({message})")
+        else:
+            rev.RedisControl(conn).close_failed(task_id, message, "WorkerLost")
         conn.srem(rev.RUNNING, task_id)
         reaped.append(task_id)
         log.warning("task %s: %s", task_id, message)
     return reaped
+
+
+def _fail_job(conn: redis.Redis, job: Job | None, message: str) -> None:
+    if job is not None and job.get_status() == JobStatus.STARTED:
+        with conn.pipeline() as pipe:
+            StartedJobRegistry(job.origin, connection=conn, serializer=JSONSerializer).remove_executions(
+                job, pipeline=pipe)
+            record_job_failure(job, message, pipe)
+            pipe.execute()
+
+
+def _force_stop_requested(conn: redis.Redis, task_id: str) -> bool:
+    raw = conn.get(rev.stop_key(task_id))
+    return bool(raw and json.loads(raw).get("force"))
+
+
+# RQ states in which a job will not run (again): a task there without a terminal event was ended outside slmb.
+_JOB_OVER = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+
+
+def reconcile(conn: redis.Redis, *, mlflow: bool = True) -> dict[str, list[str]]:
+    """Bring the tasks Redis knows in line with what happened to them (after a crash, a Redis restart, a
+    tracking server that was down). Returns the task ids it ended and those whose MLflow run it closed.
+
+    - a task without a terminal event whose RQ job is gone or over (RQ failed it, e.g. stuck after a worker
+      died) ends with ``error`` (``stopped`` for a forced stop);
+    - a STARTED job that is not among the running tasks (its record lost with the last second of writes)
+      becomes one again, so :func:`reap_dead_tasks` watches its liveness;
+    - an ended task whose MLflow run is still RUNNING gets it closed with the matching status (FINISHED,
+      KILLED, FAILED). Only tasks Redis knows are touched, never the MLflow runs of local ``slmb train``s
+      that share the store, and each ended task's run is looked at once.
+
+    Queued jobs need nothing: RQ's queue lives in Redis, and a worker takes them when one is back."""
+    done: dict[str, list[str]] = {"ended": [], "mlflow_closed": []}
+    grace_s = liveness_s()
+    running = {raw.decode() for raw in conn.smembers(rev.RUNNING)}
+    for task in rev.list_tasks(conn):
+        task_id = task["task_id"]
+        terminal = rev.terminal_event(conn, task_id)
+        if terminal:
+            if mlflow and not conn.hexists(rev.task_key(task_id), MLFLOW_CHECKED):
+                if _close_mlflow_run(task_id, terminal):
+                    done["mlflow_closed"].append(task_id)
+                conn.hset(rev.task_key(task_id), MLFLOW_CHECKED, 1)
+            continue
+        if task_id in running:
+            continue
+        job = rev.fetch_job(conn, task_id)
+        status = job.get_status() if job is not None else None
+        if status == JobStatus.STARTED:
+            conn.sadd(rev.RUNNING, task_id)
+            continue
+        if job is None and time.time() - task["created"] > grace_s:
+            message = "the task's job is no longer in Redis (lost in a Redis restart or expired)"
+        elif status in _JOB_OVER and job.ended_at and time.time() - job.ended_at.timestamp() > grace_s:
+            message = f"the task's job {status.value} without the run reporting an end"
+        else:
+            continue
+        if status == JobStatus.STOPPED or _force_stop_requested(conn, task_id):
+            rev.RedisControl(conn).close_forced(task_id, message)
+        else:
+            rev.RedisControl(conn).close_failed(task_id, message, "JobLost")
+        done["ended"].append(task_id)
+        log.warning("task %s: %s", task_id, message)
+    return done
+
+
+def _close_mlflow_run(task_id: str, terminal: str) -> bool:
+    """Close the task's MLflow run if it is still RUNNING. Raises if MLflow cannot be asked (tried again later)."""
+    from slmb.core import tracking
+
+    if tracking.end_run(task_id, terminal):
+        log.warning("task %s ended %s, but its MLflow run was still RUNNING: closed it", task_id, terminal)
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -253,9 +373,35 @@ def run_worker(redis_url: str, queues: list[str] | None = None, *, burst: bool =
     """Run an RQ worker on ``queues`` (default: ``$SLMB_QUEUE`` or ``slmb``) until it is stopped."""
     conn = rev.connect(redis_url)
     preload()
-    # RQ blocks for worker_ttl - 15 s waiting for a job and heartbeats in between: this makes an idle worker
-    # heartbeat as often as a busy one, so /healthz can tell a dead worker from a quiet one within seconds.
-    worker = TrainingWorker([get_queue(conn, q) for q in (queues or [queue_name()])], connection=conn,
-                            serializer=JSONSerializer, name=name, job_monitoring_interval=heartbeat_s(),
-                            worker_ttl=heartbeat_s() + 15)
-    return worker.work(burst=burst, with_scheduler=False, logging_level="INFO")
+    worked = False
+    while True:
+        # RQ blocks for worker_ttl - 15 s waiting for a job and heartbeats in between: this makes an idle worker
+        # heartbeat as often as a busy one, so /healthz can tell a dead worker from a quiet one within seconds.
+        worker = TrainingWorker([get_queue(conn, q) for q in (queues or [queue_name()])], connection=conn,
+                                serializer=JSONSerializer, name=name, job_monitoring_interval=heartbeat_s(),
+                                worker_ttl=heartbeat_s() + 15)
+        name = worker.name
+        try:
+            worked = worker.work(burst=burst, with_scheduler=False, logging_level="INFO") or worked
+        except REDIS_ERRORS as exc:  # outside RQ's loop: registering the worker, or tearing it down
+            log.warning("worker %s: Redis failed: %s: %s", name, type(exc).__name__, exc)
+        if burst or worker.stopping:
+            return worked
+        # RQ's loop gave up, on Redis (a stall past the socket timeout, a restart) or on an error it logged:
+        # wait for Redis and start again, not faster than once a second.
+        time.sleep(1.0)
+        _wait_for_redis(conn)
+        with contextlib.suppress(*REDIS_ERRORS):
+            worker.register_death()  # so that the name is free again
+        log.warning("worker %s: Redis is back; working again", name)
+
+
+def _wait_for_redis(conn: redis.Redis) -> None:
+    wait_s = 0.5
+    while True:
+        try:
+            conn.ping()
+            return
+        except REDIS_ERRORS:  # BusyLoadingError (replaying its append-only file) is a ConnectionError
+            time.sleep(wait_s)
+            wait_s = min(2 * wait_s, MAX_REDIS_WAIT_S)

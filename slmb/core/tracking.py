@@ -302,18 +302,21 @@ class MlflowSink:
         self._client.set_terminated(self.run_id, _FINAL_STATUS[state])
 
 
-def end_run(task_id: str, state: str, mlflow_client: Any = None) -> None:
+def end_run(task_id: str, state: str, mlflow_client: Any = None) -> bool:
     """Close the MLflow run of a task that ended without its trainer closing it (cancelled while queued, its
-    process killed): ``training_status`` = ``state`` (stopped or error), run status KILLED or FAILED. A task
-    without a run, or whose run has already ended, is left alone."""
+    process killed, tracking down at its end): ``training_status`` = ``state`` (finished, stopped or error), run
+    status FINISHED, KILLED or FAILED. A task without a run, or whose run has already ended, is left alone.
+    Returns whether a run was closed."""
     check_task_id(task_id)
     mlflow_client = mlflow_client or client()
     experiment = mlflow_client.get_experiment_by_name(experiment_name())
     runs = [] if experiment is None else mlflow_client.search_runs(
         [experiment.experiment_id], f"tags.task_id = '{task_id}'", max_results=1)
-    if runs and runs[0].info.status == "RUNNING":
-        mlflow_client.set_tag(runs[0].info.run_id, "training_status", state)
-        mlflow_client.set_terminated(runs[0].info.run_id, _FINAL_STATUS[state])
+    if not runs or runs[0].info.status != "RUNNING":
+        return False
+    mlflow_client.set_tag(runs[0].info.run_id, "training_status", state)
+    mlflow_client.set_terminated(runs[0].info.run_id, _FINAL_STATUS[state])
+    return True
 
 
 def finished_model_runs(mlflow_client: Any = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""``GET /healthz``: is Redis up, is any worker listening, is MLflow reachable."""
+"""``GET /healthz``: is Redis up, is any worker listening, is MLflow reachable; under ``slmb serve``, the
+processes it supervises (restarts, last exit)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+
+from slmb.api.trust import public_url, redact
 
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 5.0
@@ -33,11 +36,17 @@ def _workers(conn: Any, queue: str) -> list[dict[str, Any]]:
     return out
 
 
+def alive_workers(conn: Any, queue: str) -> int:
+    return sum(w["alive"] for w in _workers(conn, queue))
+
+
 def _mlflow() -> dict[str, Any]:
     from slmb.core import tracking
 
     tracking.client().search_experiments(max_results=1)
-    return {"ok": True, "tracking_uri": tracking.tracking_uri(), "ui": tracking.mlflow_ui_base()}
+    # The store's kind, not its URI: a sqlite or file URI is a path on this machine (and this route is open).
+    return {"ok": True, "tracking": tracking.tracking_uri().partition(":")[0],
+            "ui": public_url(tracking.mlflow_ui_base())}
 
 
 async def _check(fn, *args: Any) -> dict[str, Any]:
@@ -65,4 +74,7 @@ async def healthz(request: Request) -> JSONResponse:
     ok = redis_check["ok"] and workers["ok"] and mlflow["ok"]
     body = {"status": "ok" if ok else "degraded", "redis": redis_check, "workers": workers, "mlflow": mlflow,
             "queue": app.state.settings.queue}
-    return JSONResponse(body, status_code=200 if redis_check["ok"] else 503)
+    supervisor = getattr(app.state, "supervisor", None)
+    if supervisor is not None:  # under `slmb serve`: the processes it started and restarts (names, no paths)
+        body["processes"] = supervisor.state()
+    return JSONResponse(redact(body), status_code=200 if redis_check["ok"] else 503)

@@ -13,21 +13,17 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from slmb.api.app import API_PREFIX
+from slmb.api.trust import request_issues
 
 log = logging.getLogger("slmb.api")
 router = APIRouter(tags=["training"])
 MLFLOW_TIMEOUT_S = 10.0
 
 
-async def read_json_body(request: Request, limit: int) -> Any:
-    """The parsed JSON body; 413 past ``limit`` bytes, 400 when it is not JSON."""
-    if int(request.headers.get("content-length") or 0) > limit:
-        raise HTTPException(413, f"the body is larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"the body is larger than {limit} bytes")
+async def read_json_body(request: Request) -> Any:
+    """The parsed JSON body (:class:`~slmb.api.app.BodyGuard` has checked its type and size); 400 when it is not
+    JSON."""
+    body = await request.body()
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -70,12 +66,26 @@ def _close_mlflow_run(task_id: str) -> None:
         log.warning("task %s: could not close its MLflow run: %s", task_id, exc)
 
 
-def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> None:
+def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> int:
+    """Queue the run; returns how many workers are alive on its queue."""
+    from slmb.api.routes.health import alive_workers
     from slmb.api.worker import submit
     from slmb.core.store import create_run
 
+    alive = alive_workers(app.state.redis, app.state.settings.queue)  # before: a queued run is never failed here
     create_run(request, task_id)
     submit(app.state.redis, request, task_id=task_id, queue=app.state.settings.queue)
+    return alive
+
+
+def no_worker_warning(queue: str) -> dict[str, Any]:
+    """With no worker alive the run is still queued, not refused: the queue is kept in Redis (persistent under
+    ``slmb serve``), whose supervisor restarts dead workers, so it runs when one is back. The client is told."""
+    from slmb.core.validate import Issue
+
+    return Issue(path="", message=f"no worker is alive on queue {queue!r}: the run stays queued until one is",
+                 hint="GET /healthz shows the workers; start one with `slmb worker`", check="workers",
+                 severity="warning").to_dict()
 
 
 @router.post("/train-complete-model", summary="Validate a model request and queue its training",
@@ -88,8 +98,10 @@ async def train_complete_model(request: Request) -> Any:
     from slmb.core.validate import validate
 
     settings = request.app.state.settings
-    body = await read_json_body(request, settings.max_body_bytes)
-    report = await run_in_threadpool(validate, body)
+    body = await read_json_body(request)
+    report = await run_in_threadpool(validate, body, admit=True, memory_limit=settings.worker_memory_bytes)
+    if report.ok:
+        report.errors.extend(request_issues(report.request, settings.data_dir))
     if not report.ok:
         return JSONResponse(status_code=422, content={
             "detail": f"invalid request: {len(report.errors)} error(s)",
@@ -101,7 +113,7 @@ async def train_complete_model(request: Request) -> Any:
     model_name = body.get("modelName") or body.get("model_name")
     url = await mlflow_url(task_id, body)
     try:
-        await run_in_threadpool(_submit, request.app, body, task_id)
+        workers_alive = await run_in_threadpool(_submit, request.app, body, task_id)
     except Exception:
         await run_in_threadpool(_close_mlflow_run, task_id)
         raise
@@ -118,7 +130,9 @@ async def train_complete_model(request: Request) -> Any:
                        "config": spec.config.model_dump(mode="json", exclude_none=True), "dataset": spec.dataset},
         "training_config": {"dataset": spec.dataset, "dataset_config": spec.dataset_config,
                             "epochs": spec.config.epochs},
-        "warnings": [w.to_dict() for w in report.warnings],
+        "warnings": [w.to_dict() for w in report.warnings] + ([] if workers_alive else [
+            no_worker_warning(settings.queue)]),
+        "workers_alive": workers_alive,
     }
 
 

@@ -1,0 +1,272 @@
+"""Faults under a real ``slmb serve`` (issue 11, points 8 and 9): its private Redis (append-only file under
+SLMB_HOME) and its worker killed with SIGKILL, Redis stalled with SIGSTOP, ``slmb serve`` restarted with a run
+queued; every time the service comes back by itself, no run is stranded and MLflow's sqlite store has no run
+left RUNNING for a task that ended."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import shared_dir
+from service_fixtures import FAST, log_tail, read_sse, tiny_request, wait_until
+
+from slmb.api.serve import free_port
+
+pytest_plugins = ["service_fixtures"]
+LONG = 1_000_000  # steps: a run that lasts until the test stops it
+
+
+@dataclass
+class Serve:
+    tmp: Path
+    env: dict[str, str]
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def redis_url(self) -> str:
+        return (Path(self.env["SLMB_HOME"]) / "redis" / "url").read_text().strip()
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.redis_url, socket_timeout=10)
+
+    def start(self, workers: int = 1) -> None:
+        self.port = free_port()
+        with open(self.tmp / "serve.log", "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "slmb", "serve", "--port", str(self.port),
+                                          "--workers", str(workers), "--log-level", "warning"],
+                                         env=self.env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT)
+        self.wait_healthy(workers)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def health(self) -> dict[str, Any] | None:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            return httpx.get(f"{self.url}/healthz", timeout=15).json()
+        return None
+
+    def wait_healthy(self, workers: int = 1, timeout: float = 120) -> dict[str, Any]:
+        def healthy() -> dict[str, Any] | None:
+            body = self.health()
+            ok = body and body["redis"]["ok"] and body["mlflow"]["ok"] and body["workers"].get("count", 0) >= workers
+            return body if ok else None
+
+        return wait_until(healthy, timeout, f"a healthy slmb serve\n{self.log()}", interval=0.3)
+
+    def log(self) -> str:
+        return log_tail(self.tmp / "serve.log")
+
+    def process(self, name: str) -> dict[str, Any]:
+        return next(p for p in self.health()["processes"] if p["name"] == name)
+
+    def worker_pid(self) -> int:
+        from rq import Queue, Worker
+
+        conn = self.redis()
+        workers = [w for w in Worker.all(connection=conn, queue=Queue("slmb", connection=conn)) if w.pid]
+        return max(workers, key=lambda w: w.last_heartbeat).pid
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        with self.client() as c:
+            resp = c.post("/api/v1/train-complete-model", json=body)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def events(self, task_id: str, until: str | None = None, timeout: float = 180) -> list[dict[str, Any]]:
+        with self.client() as c:
+            return read_sse(c, f"/api/v1/events/{task_id}", timeout=timeout,
+                            on_message=lambda m: m["event"] == until)
+
+    def stop_run(self, task_id: str, force: bool = False) -> None:
+        with self.client() as c:
+            resp = c.post("/api/v1/stop-training", json={"task_id": task_id, "force_kill": force})
+        assert resp.status_code == 200, resp.text
+
+    def mlflow_runs(self) -> dict[str, Any]:
+        """The MLflow runs of the store, by task id."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.env["MLFLOW_TRACKING_URI"])
+        experiment = client.get_experiment_by_name("slmb")
+        return {r.data.tags["task_id"]: r for r in client.search_runs([experiment.experiment_id], max_results=1000)
+                if "task_id" in r.data.tags}
+
+
+def serve_env(tmp: Path) -> dict[str, str]:
+    env = {**os.environ, **FAST, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", "SLMB_HOME": str(tmp / "home"),
+           "SLMB_TOKENIZER_DIR": str(shared_dir() / "tokenizers"), "SLMB_DATA_DIR": str(shared_dir() / "datasets"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "SLMB_RESTART_BACKOFF_S": "0.5",
+           "SLMB_RECONCILE_INTERVAL_S": "2"}
+    for key in ("SLMB_REDIS_URL", "SLMB_API_TOKEN"):
+        env.pop(key, None)
+    from mlflow.tracking import MlflowClient
+
+    # Artifacts under tmp, not in ./mlruns of whichever process creates the experiment first.
+    MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment("slmb", (tmp / "mlartifacts").as_uri())
+    return env
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[Serve]:
+    """`slmb serve` with its private Redis and one worker."""
+    tmp = tmp_path_factory.mktemp("faults")
+    service = Serve(tmp, serve_env(tmp))
+    try:
+        service.start(workers=1)
+        yield service
+    finally:
+        service.stop()
+
+
+def terminal_of(events: list[dict[str, Any]]) -> dict[str, Any]:
+    ends = [m for m in events if m.get("event") in ("finished", "stopped", "error")]
+    assert len(ends) == 1, events[-5:]
+    return ends[0]
+
+
+def assert_no_running_run_of_an_ended_task(service: Serve) -> None:
+    from slmb.api import redis_events as rev
+
+    conn = service.redis()
+    for task_id, run in service.mlflow_runs().items():
+        ended = rev.terminal_event(conn, task_id)
+        assert not (ended and run.info.status == "RUNNING"), (task_id, ended, run.info.status)
+
+
+def train_and_finish(service: Serve, name: str) -> None:
+    task_id = service.submit(tiny_request(name))["task_id"]
+    assert terminal_of(service.events(task_id))["event"] == "finished", service.log()
+
+
+def test_a_killed_worker_is_replaced_and_its_run_ends_failed_in_mlflow(served):
+    task_id = served.submit(tiny_request("faults-killed-run", max_steps=LONG))["task_id"]
+    served.events(task_id, until="step")
+    before = served.process("worker-0")["restarts"]
+    os.kill(served.worker_pid(), signal.SIGKILL)
+
+    end = terminal_of(served.events(task_id))
+    assert end["event"] == "error" and end["data"]["type"] == "WorkerLost", end
+    run = served.mlflow_runs()[task_id]
+    assert run.info.status == "FAILED" and run.data.tags["training_status"] == "error"
+
+    health = served.wait_healthy(1)
+    worker = next(p for p in health["processes"] if p["name"] == "worker-0")
+    assert worker["restarts"] == before + 1 and worker["last_exit"] == "killed by SIGKILL" and worker["alive"]
+    assert "/" not in str(health["processes"])  # names and states, no paths
+    train_and_finish(served, "faults-after-worker-kill")
+    assert_no_running_run_of_an_ended_task(served)
+
+
+def test_a_killed_redis_comes_back_on_the_same_port_with_its_data(served):
+    served.wait_healthy(1)
+    url = served.redis_url
+    running = served.submit(tiny_request("faults-redis-running", max_steps=LONG))["task_id"]
+    served.events(running, until="step")
+    queued = served.submit(tiny_request("faults-redis-queued"))["task_id"]
+    conn = served.redis()
+    wait_until(lambda: conn.get(f"slmb:task:{queued}:request"), 10, "the queued request in Redis")
+    os.kill(int(conn.info("server")["process_id"]), signal.SIGKILL)
+
+    def answers() -> bool:
+        with contextlib.suppress(redis.RedisError):
+            return bool(redis.Redis.from_url(url, socket_timeout=2).ping())
+        return False
+
+    wait_until(answers, 60, f"Redis back at {url}\n{served.log()}", interval=0.2)
+    assert served.redis_url == url
+    assert conn.exists(f"slmb:task:{queued}:request") and conn.exists(f"slmb:task:{running}:events")
+    health = served.wait_healthy(1)
+    assert next(p for p in health["processes"] if p["name"] == "redis")["last_exit"] == "killed by SIGKILL"
+
+    served.stop_run(running)
+    assert terminal_of(served.events(running))["event"] == "stopped", served.log()
+    assert terminal_of(served.events(queued))["event"] == "finished", served.log()
+    assert_no_running_run_of_an_ended_task(served)
+
+
+def test_a_stalled_redis_neither_kills_the_worker_nor_its_run(served):
+    served.wait_healthy(1)
+    restarts = served.process("worker-0")["restarts"]
+    task_id = served.submit(tiny_request("faults-stall", max_steps=LONG))["task_id"]
+    served.events(task_id, until="step")
+    pid = int(served.redis().info("server")["process_id"])
+    # Longer than the worker's Redis socket timeout (SLMB_HEARTBEAT_S + 10 s) and than a run's liveness period.
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(13)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    served.wait_healthy(1)
+    conn = served.redis()
+    stream = f"slmb:task:{task_id}:events"
+    last = conn.xrevrange(stream, count=1)[0][0]
+    wait_until(lambda: conn.xrevrange(stream, count=1)[0][0] != last, 60, "the run to go on after the stall")
+    time.sleep(7)  # past the reaper's grace (two liveness periods of 3 s): a falsely reaped run would show by now
+    assert not conn.hget(f"slmb:task:{task_id}", "terminal"), served.events(task_id)[-3:]
+    served.stop_run(task_id)
+    assert terminal_of(served.events(task_id))["event"] == "stopped", served.log()
+    assert served.process("worker-0")["restarts"] == restarts, served.log()
+    train_and_finish(served, "faults-after-stall")
+
+
+def test_a_run_queued_when_serve_stops_runs_when_it_starts_again(tmp_path):
+    service = Serve(tmp_path, serve_env(tmp_path))
+    try:
+        service.start(workers=0)
+        answer = service.submit(tiny_request("faults-queued-across-restart"))
+        assert answer["workers_alive"] == 0
+        assert any(w["check"] == "workers" and "stays queued" in w["message"] for w in answer["warnings"])
+        url = service.redis_url
+        service.stop()
+        assert service.proc.returncode == 0, service.log()
+
+        service.start(workers=1)
+        assert service.redis_url == url  # the same port again, while it is free
+        assert terminal_of(service.events(answer["task_id"]))["event"] == "finished", service.log()
+        run = service.mlflow_runs()[answer["task_id"]]
+        assert run.info.status == "FINISHED"
+        assert service.submit(tiny_request("faults-with-a-worker"))["workers_alive"] == 1
+    finally:
+        service.stop()
+
+
+def test_stopping_serve_stops_its_restarted_children_in_order(served):
+    """Runs last on the module's service: its worker and Redis have been restarted by the supervisor, and
+    SIGTERM still lets the run on that worker stop cooperatively (it checkpoints) before Redis goes."""
+    assert served.process("worker-0")["restarts"] >= 1 and served.process("redis")["restarts"] >= 1
+    task_id = served.submit(tiny_request("faults-serve-stopped", max_steps=LONG))["task_id"]
+    served.events(task_id, until="step")
+    served.stop()
+    assert served.proc.returncode == 0, served.log()
+    log = Path(served.env["SLMB_HOME"]) / "runs" / task_id / "events.jsonl"
+    last = json.loads(log.read_text().splitlines()[-1])
+    assert last["event"] == "stopped" and last["data"]["reason"] == "requested", last
