@@ -52,17 +52,53 @@ def _human_bytes(n: float) -> str:
     return f"{n:,.1f} TiB"
 
 
+MAX_MEMORY = typer.Option(None, "--max-memory", envvar="SLMB_WORKER_MEMORY", metavar="SIZE",
+                          help="memory a training run may use, e.g. 16GiB or 500MB (default: this machine's RAM "
+                               "less a reserve, or the GPU's memory)")
+
+
+def _memory_limit(value: str | None, flag: str = "--max-memory") -> int | None:
+    """--max-memory in bytes; also put in the environment, where the trainer's own check reads it."""
+    if value is None:
+        return None
+    import os
+
+    from slmb.core.memory import parse_bytes
+
+    try:
+        limit = parse_bytes(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=flag) from None
+    os.environ["SLMB_WORKER_MEMORY"] = str(limit)
+    return limit
+
+
+def _refuse_if_too_big(body: Any, overrides: dict[str, Any], limit: int | None) -> None:
+    """`slmb train` refuses a run that cannot fit in memory before it creates or loads anything, with the
+    error `slmb validate` prints; other problems are left to the trainer's own validation."""
+    from slmb.core.trainer import apply_overrides
+    from slmb.core.validate import validate as run_validation
+
+    if not isinstance(body, dict):
+        return
+    for e in run_validation(apply_overrides(body, overrides), admit=True, memory_limit=limit).errors:
+        if e.check == "memory":
+            _fail(f"{e.path}: {e.message}\n  hint: {e.hint}", EXIT_INVALID)
+
+
 @app.command()
 def validate(file: Path = typer.Argument(..., help="request JSON (the body the canvas posts)"),
-             as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+             as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+             max_memory: str | None = MAX_MEMORY) -> None:
     """Check a request and show the model it describes: nodes, output shapes, parameters, memory.
 
-    Exit code 0 when valid, 1 when invalid (every error is printed), 2 when the file cannot be read.
+    Exit code 0 when valid, 1 when invalid (every error is printed; a run whose estimated peak memory is over
+    the limit is one), 2 when the file cannot be read.
     """
     body = read_request(file)  # before the heavy imports: an unreadable file fails at once
     from slmb.core.validate import validate as run_validation
 
-    report = run_validation(body)
+    report = run_validation(body, admit=True, memory_limit=_memory_limit(max_memory))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -90,8 +126,9 @@ def _render_report(report, file: Path) -> None:
         console.print(f"parameters: [bold]{s.total_parameters:,}[/] (trainable {s.trainable_parameters:,})   "
                       f"vocabulary: {s.vocab_size:,}   context: {s.context_length:,}")
         console.print(f"memory: weights {_human_bytes(m['weights_fp32'])} fp32 / {_human_bytes(m['weights_bf16'])} "
-                      f"bf16; training ≈ {_human_bytes(m['training_total'])} "
-                      f"(weights, grads, AdamW, activations at batch {m['batch_size']} × {m['context_length']})")
+                      f"bf16; training peak ≈ [bold]{_human_bytes(m['training_total'])}[/] on {m['device']} in "
+                      f"{m['dtype']} at batch {m['batch_size']} × {m['context_length']} "
+                      f"({s.estimate.breakdown()})", highlight=False)
     for w in report.warnings:
         console.print(f"[yellow]warning[/] {escape(w.path or '/')}: {escape(w.message)}"
                       + (f" ({escape(w.hint)})" if w.hint else ""), highlight=False)
@@ -172,9 +209,15 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
           redis_url: str | None = typer.Option(None, "--redis-url", envvar="SLMB_REDIS_URL",
                                                help="a running Redis; without one a private redis-server starts"),
           workers: int = typer.Option(1, "--workers", min=0, help="worker processes to start (0: API only)"),
+          worker_memory: str | None = typer.Option(
+              None, "--worker-memory", envvar="SLMB_WORKER_MEMORY", metavar="SIZE",
+              help="memory a training may use, e.g. 16GiB: larger requests get a 422 (default: this machine's RAM "
+                   "less a reserve, or the GPU's memory)"),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM."""
     import logging
+
+    _memory_limit(worker_memory, "--worker-memory")  # the API and the workers it starts read it from the environment
 
     from slmb.api.serve import serve as run_service
 
@@ -216,12 +259,14 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
           as_json: bool = typer.Option(False, "--json", help="print one event per line (JSON) instead of the "
                                                              "live display"),
           queue: bool = typer.Option(False, "--queue", help="train on the service's workers (Redis at "
-                                                            "$SLMB_REDIS_URL) and follow the run here")) -> None:
+                                                            "$SLMB_REDIS_URL) and follow the run here"),
+          max_memory: str | None = MAX_MEMORY) -> None:
     """Train a model; the finished model goes to the store (see `slmb list`).
 
     Prints the task id first, so another terminal can `slmb stop TASK_ID` or `slmb events TASK_ID --follow`.
     Ctrl-C stops after the current step with a checkpoint (resume with --resume TASK_ID); a second Ctrl-C
-    quits at once. Exit code 0 finished, 1 invalid request or failed, 2 unreadable file, 3 stopped.
+    quits at once. Exit code 0 finished, 1 invalid request (or one estimated not to fit in memory: see
+    --max-memory) or failed, 2 unreadable file, 3 stopped.
     """
     import signal
 
@@ -237,6 +282,7 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     task_id = resume or new_task_id()
     overrides = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device,
                  "dtype": dtype, "model_name": name}
+    _refuse_if_too_big(body, overrides, _memory_limit(max_memory))
     if as_json:
         sink: Any = ev.CallbackSink(lambda e: typer.echo(e.to_json()))
     else:

@@ -132,7 +132,7 @@ def worker_memory(device: str = "cpu", setting: int | str | None = None) -> tupl
     """(bytes a training worker may use, where that number comes from): ``setting`` when given, else
     ``$SLMB_WORKER_MEMORY``, else ``machine_memory(device)``."""
     if setting is not None:
-        return parse_bytes(setting), "the limit given"
+        return parse_bytes(setting), "the limit set: SLMB_WORKER_MEMORY or --max-memory"
     if os.environ.get("SLMB_WORKER_MEMORY"):
         return parse_bytes(os.environ["SLMB_WORKER_MEMORY"]), "SLMB_WORKER_MEMORY"
     where = "this machine's GPU memory" if device_kind(device) == "cuda" else "this machine's RAM less a reserve"

@@ -391,7 +391,9 @@ class _Loop:
     def run(self, resume: bool) -> TrainResult:
         from slmb.core.compiler import build_model
         from slmb.core.data import DatasetError, WindowLoader, prepare_tokens
+        from slmb.core.memory import MemoryLimitError
         from slmb.core.tokenizers import check_vocab, load_tokenizer
+        from slmb.core.validate import memory_refusal
 
         cfg, req = self.req.config, self.req
         if self.control.stop_requested(self.task_id):  # stopped while queued: nothing to save
@@ -399,6 +401,9 @@ class _Loop:
 
         device = resolve_device(cfg.device)
         prepare_device(device)
+        refusal = memory_refusal(req, str(device))  # before any weight or token exists: an error, not an OOM kill
+        if refusal:
+            raise MemoryLimitError(refusal)
 
         tokenizer = load_tokenizer(cfg.tokenizer_name)
         torch.manual_seed(cfg.seed)

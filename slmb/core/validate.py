@@ -121,7 +121,7 @@ def validate(body: Any, *, build: bool = True, admit: bool = False, memory_limit
     if report.ok and build:
         report.summary = summarize(report.plan)
         if admit:
-            report.errors.extend(admission(report, memory_limit))
+            report.errors.extend(admission(report.summary, memory_limit))
         weights = report.summary.memory["weights_fp32"]
         if weights > BIG_WEIGHTS_BYTES and report.ok:
             report.warnings.append(Issue("", f"the weights alone need {weights / 2**30:,.0f} GiB in fp32",
@@ -130,11 +130,11 @@ def validate(body: Any, *, build: bool = True, admit: bool = False, memory_limit
     return report
 
 
-def admission(report: Report, limit: int | None = None) -> list[Issue]:
-    """The memory error of a built report whose estimated peak is over ``limit`` (see ``validate``), or none."""
+def admission(summary: Summary, limit: int | None = None) -> list[Issue]:
+    """The memory error of a model whose estimated peak is over ``limit`` (see ``validate``), or none."""
     from slmb.core import memory
 
-    est = report.summary.estimate
+    est = summary.estimate
     limit, source = memory.worker_memory(est.device, limit)
     message = memory.check(est, limit, source)
     if message is None:
@@ -143,6 +143,13 @@ def admission(report: Report, limit: int | None = None) -> list[Issue]:
     return [Issue("/model" if states >= est.training_pass else "/config/batch_size", message,
                   expected=f"<= {memory.human_bytes(limit)}", found=memory.human_bytes(est.peak),
                   hint=memory.hint(est), check="memory")]
+
+
+def memory_refusal(request: TrainRequest, device: str | None = None) -> str | None:
+    """The trainer's own admission check on the device it resolved (a worker may have less memory than the API
+    that queued the run assumed): why the run cannot fit, and what to change; None when it fits."""
+    issues = admission(summarize(plan(request), device))
+    return f"{issues[0].message}. To fit: {issues[0].hint}" if issues else None
 
 
 def require_valid(body: Any) -> Report:
@@ -574,7 +581,7 @@ def check_model_name(p: Plan) -> Iterator[Issue]:
 
 # -- summary ------------------------------------------------------------------------------------------------
 
-def summarize(p: Plan) -> Summary:
+def summarize(p: Plan, device: str | None = None) -> Summary:
     """Build on the meta device (no memory) and report parameters, output shapes and a memory estimate."""
     from torch import nn
 
@@ -611,7 +618,7 @@ def summarize(p: Plan) -> Summary:
     visit(p.nodes, model.chain.layers, 0)
     total = model.num_parameters()
     matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    est = memory.estimate(p, total, matrices)
+    est = memory.estimate(p, total, matrices, device)
     c = p.request.config
     t = est.terms
     mem = {"weights_fp32": t["weights"], "weights_bf16": total * 2,
