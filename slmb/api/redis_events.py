@@ -2,7 +2,8 @@
 
 Keys of one task::
 
-    slmb:task:<id>            hash: model_name, queue, created, and ``terminal`` once the run has ended
+    slmb:task:<id>            hash: model_name, queue, created, ``terminal`` once the run has ended, and
+                              ``writer``/``seq``: the trainer's sink and the last event it numbered
     slmb:task:<id>:events     stream: one entry per event, fields ``event`` (the name) and ``json`` (the wire form)
     slmb:task:<id>:status     hash: the run status (``Control.write_status``), each field a JSON value
     slmb:task:<id>:request    the request JSON as sent
@@ -20,10 +21,14 @@ terminal event also sets an expiry on all keys of the task, so Redis does not gr
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
+import threading
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,6 +47,11 @@ RUNNING = "slmb:running"
 STREAM_MAXLEN_ENV, TASK_TTL_ENV = "SLMB_STREAM_MAXLEN", "SLMB_TASK_TTL_S"
 DEFAULT_STREAM_MAXLEN = 10_000  # approximate (XADD MAXLEN ~): step events are throttled, so runs rarely reach it
 DEFAULT_TASK_TTL_S = 7 * 24 * 3600  # how long an ended task's events and status stay readable
+EVENT_BUFFER_ENV, DEFAULT_EVENT_BUFFER = "SLMB_EVENT_BUFFER", 10_000  # events a run queues while Redis is away
+REDIS_WAIT_ENV, DEFAULT_REDIS_WAIT_S = "SLMB_REDIS_WAIT_S", 60.0  # how long a run's end or a reader waits for it
+DROPPABLE = frozenset({"step", "progress"})  # throttled samples: what a full buffer gives up first
+RESEND_WINDOW = 2_000  # delivered events kept to re-send what a restarted Redis lost
+SEND_BATCH = 200
 
 # RQ's job states in the words of the Celery backend the canvas was written for.
 CELERY_STATES = {JobStatus.CREATED: "PENDING", JobStatus.QUEUED: "PENDING", JobStatus.DEFERRED: "PENDING",
@@ -97,10 +107,31 @@ def task_ttl_s() -> int:
     return int(os.environ.get(TASK_TTL_ENV) or DEFAULT_TASK_TTL_S)
 
 
+def event_buffer() -> int:
+    return int(os.environ.get(EVENT_BUFFER_ENV) or DEFAULT_EVENT_BUFFER)
+
+
+def redis_wait_s() -> float:
+    return float(os.environ.get(REDIS_WAIT_ENV) or DEFAULT_REDIS_WAIT_S)
+
+
 # KEYS: task hash, stream, status, request, stop flag, running set.
-# ARGV: maxlen, event name, wire JSON, "1" if terminal, ttl, task id.
+# ARGV: maxlen, event name, wire JSON, "1" if terminal, ttl, task id, and for a numbered event (a sink's) its
+# writer, seq and the seq of the writer's event before it ("" when not numbered).
+# A numbered event at or below the last seq its writer stored is a retry whose reply was lost: skipped. One whose
+# predecessor is not the last stored is refused (SLMB_GAP): Redis lost events (a restart), the writer re-sends.
 _APPEND_LUA = """
 if redis.call('HEXISTS', KEYS[1], 'terminal') == 1 then return false end
+if ARGV[8] ~= '' then
+  local last = redis.call('HMGET', KEYS[1], 'writer', 'seq')
+  local stored = 0
+  if last[1] == ARGV[7] then stored = tonumber(last[2]) end
+  if tonumber(ARGV[8]) <= stored then return false end
+  if tonumber(ARGV[9]) ~= stored then
+    return redis.error_reply('SLMB_GAP the stream has this writer up to event ' .. stored .. ', not ' .. ARGV[9])
+  end
+  redis.call('HSET', KEYS[1], 'writer', ARGV[7], 'seq', ARGV[8])
+end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[2], 'json', ARGV[3])
 if ARGV[4] == '1' then
   redis.call('HSET', KEYS[1], 'terminal', ARGV[2])
@@ -111,26 +142,204 @@ return id
 """
 
 
+def _append(script: Any, client: Any, event: ev.Event, writer: str = "", seq: int | None = None,
+            prev: int = 0) -> Any:
+    tid = event.task_id
+    args = [stream_maxlen(), event.name, event.to_json(), "1" if event.terminal else "0", task_ttl_s(), tid,
+            writer, "" if seq is None else seq, prev]
+    return script(keys=[*task_keys(tid), RUNNING], args=args, client=client)
+
+
 def append_event(conn: redis.Redis, event: ev.Event) -> str | None:
     """Add ``event`` to its task's stream. Returns the stream id, or ``None`` when the stream has already
     ended (the event is dropped)."""
-    tid = event.task_id
-    args = [stream_maxlen(), event.name, event.to_json(), "1" if event.terminal else "0", task_ttl_s(), tid]
-    result = conn.register_script(_APPEND_LUA)(keys=[*task_keys(tid), RUNNING], args=args)
+    result = _append(conn.register_script(_APPEND_LUA), conn, event)
     return _text(result) if result else None
 
 
-class RedisEventSink:
-    """Sink that appends every event to the task's Redis stream (see :func:`append_event`)."""
+def _status_fields(task_id: str, state: State, info: dict[str, Any]) -> dict[str, str]:
+    fields = {k: json.dumps(v, default=str) for k, v in info.items()}
+    fields.update(task_id=json.dumps(task_id), state=json.dumps(state), updated=json.dumps(time.time()))
+    return fields
 
-    def __init__(self, conn: redis.Redis, task_id: str):
+
+class RedisEventSink:
+    """Sink that appends a run's events to its task's stream, in order, without ever holding up the training
+    loop or giving up on Redis while the run lasts.
+
+    ``emit`` only queues the event; a thread appends the queue in batches. When Redis fails (down, restarting,
+    stalled past the socket timeout) the thread retries with backoff (0.1 s doubling to 5 s) while the queue
+    grows up to ``SLMB_EVENT_BUFFER`` events; past that the oldest ``step``/``progress`` events are dropped
+    (a ``warning`` says so), never any other event. Each event carries this sink's sequence number, which the
+    append script checks: re-sending a batch whose reply was lost never doubles an event. After an error the
+    thread also re-sends the recent events a restarted Redis lost (an append-only file syncs once a second).
+    ``close`` waits up to ``SLMB_REDIS_WAIT_S`` for the queue, whose last event is the terminal one, to drain.
+
+    The run's status writes and stop-flag reads go through the same thread (:class:`TrainerControl`), so the
+    status hash is written in order with the events and a Redis fault never reaches the training loop.
+    """
+
+    def __init__(self, conn: redis.Redis, task_id: str, *, buffer_max: int | None = None):
         self.conn, self.task_id = conn, task_id
+        self.buffer_max = buffer_max or event_buffer()
+        self.writer = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._script = conn.register_script(_APPEND_LUA)
+        self._queue: deque[tuple[int | None, ev.Event | dict[str, str]]] = deque()  # (seq, event or status)
+        self._sent: deque[tuple[int, ev.Event]] = deque(maxlen=RESEND_WINDOW)  # delivered, kept for a resend
+        self._cond = threading.Condition()
+        self._seq = self._dropped = self._stored = 0  # _stored: the last seq Redis is known to hold
+        self._closed = self._abandoned = self._resync = self._check_stop = self._stop = False
+        self._stop_read = False
+        self._thread = threading.Thread(target=self._run, name=f"redis-events-{task_id[:8]}", daemon=True)
+        self._thread.start()
 
     def emit(self, event: ev.Event) -> None:
-        append_event(self.conn, event)
+        with self._cond:
+            self._seq += 1
+            self._queue.append((self._seq, event))
+            if len(self._queue) > self.buffer_max:
+                self._drop_one()
+            self._cond.notify_all()
+
+    def write_status(self, fields: dict[str, str]) -> None:
+        with self._cond:
+            self._queue.append((None, fields))
+            self._cond.notify_all()
+
+    def stop_requested(self) -> bool:
+        """The stop flag as last read; each call asks the thread to read it again. The first call reads it
+        here (a run stopped while queued must see it before it starts)."""
+        if not self._stop_read:
+            self._stop_read = True
+            with contextlib.suppress(redis.RedisError):
+                self._stop = bool(self.conn.exists(stop_key(self.task_id)))
+        with self._cond:
+            self._check_stop = True
+            self._cond.notify_all()
+        return self._stop
 
     def close(self) -> None:
-        pass
+        wait_s = redis_wait_s()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: not self._queue, timeout=wait_s):
+                self._abandoned = True
+                self._cond.notify_all()
+                log.error("task %s: %d events (the last: %s) could not be written to Redis within %g s "
+                          "(SLMB_REDIS_WAIT_S)", self.task_id, len(self._queue), self._last_name(), wait_s)
+
+    def _last_name(self) -> str:
+        item = self._queue[-1][1] if self._queue else None
+        return item.name if isinstance(item, ev.Event) else "status"
+
+    def _drop_one(self) -> None:
+        for i in range(len(self._queue)):
+            item = self._queue[i][1]
+            if isinstance(item, ev.Event) and item.name in DROPPABLE:
+                del self._queue[i]
+                self._dropped += 1
+                if self._dropped == 1:
+                    self._seq += 1
+                    self._queue.append((self._seq, ev.Warning(
+                        task_id=self.task_id, source=type(self).__name__,
+                        message=f"Redis is unreachable and {self.buffer_max} events are waiting for it: older "
+                                "step and progress events are being dropped (SLMB_EVENT_BUFFER)")))
+                return
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._check_stop or self._closed or self._abandoned)
+                if self._abandoned or (self._closed and not self._queue):
+                    return
+            batch, check = [], False
+            try:
+                if self._resync:
+                    self._requeue_lost()
+                with self._cond:
+                    batch = list(itertools.islice(self._queue, SEND_BATCH))
+                    check, self._check_stop = self._check_stop, False
+                if batch:
+                    self._send(batch)
+                if check:
+                    self._stop = self._stop or bool(self.conn.exists(stop_key(self.task_id)))
+            except redis.RedisError as exc:
+                if backoff == 0:
+                    log.warning("task %s: writing events to Redis failed (%s: %s); retrying until it is back",
+                                self.task_id, type(exc).__name__, exc)
+                backoff = min(max(0.1, backoff * 2), 5.0)
+                with self._cond:
+                    self._resync = True
+                    self._check_stop = self._check_stop or check
+                    self._cond.wait_for(lambda: self._abandoned, timeout=backoff)
+                continue
+            if backoff:
+                log.warning("task %s: Redis is back; events delivered", self.task_id)
+            backoff = 0.0
+            with self._cond:
+                for sent in batch:  # the queue starts with the batch, less what emit dropped meanwhile
+                    if self._queue and self._queue[0] is sent:
+                        self._queue.popleft()
+                    if sent[0] is not None:
+                        self._sent.append(sent)
+                self._cond.notify_all()
+
+    def _send(self, batch: list[tuple[int | None, ev.Event | dict[str, str]]]) -> None:
+        prev = self._stored
+        with self.conn.pipeline(transaction=False) as pipe:
+            for seq, item in batch:
+                if isinstance(item, ev.Event):
+                    _append(self._script, pipe, item, self.writer, seq, prev)
+                    prev = seq
+                else:
+                    pipe.hset(status_key(self.task_id), mapping=item)
+            pipe.execute()
+        self._stored = prev
+
+    def _requeue_lost(self) -> None:
+        """Put back, ahead of the queue, the delivered events Redis no longer has (it restarted and its
+        append-only file missed their last second): those numbered above the last seq it stored for us. A lost
+        event older than the resend window stays lost; the stream goes on from what Redis has."""
+        writer, seq = self.conn.hmget(task_key(self.task_id), "writer", "seq")
+        stored = int(seq) if writer is not None and _text(writer) == self.writer else 0
+        with self._cond:
+            lost = [sent for sent in self._sent if sent[0] > stored]
+            for _ in lost:
+                self._sent.pop()
+            self._queue.extendleft(reversed(lost))
+            self._stored, self._resync = stored, False
+
+
+class TrainerControl:
+    """The :class:`~slmb.core.control.Control` of a training process in a worker: status writes and stop-flag
+    reads go through the run's :class:`RedisEventSink`, so they never block or fail the training loop."""
+
+    def __init__(self, sink: RedisEventSink):
+        self.sink = sink
+        self.redis = RedisControl(sink.conn)
+
+    def stop_requested(self, task_id: str) -> bool:
+        return self.sink.stop_requested()
+
+    def write_status(self, task_id: str, state: State, **info: Any) -> None:
+        self.sink.write_status(_status_fields(task_id, state, info))
+
+    def register_process(self, task_id: str, pid: int | None = None) -> None:
+        import socket
+
+        self.sink.write_status({"pid": json.dumps(os.getpid() if pid is None else pid),
+                                "host": json.dumps(socket.gethostname())})
+
+    def clear_stop(self, task_id: str) -> None:
+        self.redis.clear_stop(task_id)
+
+    def read_status(self, task_id: str) -> dict[str, Any] | None:
+        return self.redis.read_status(task_id)
+
+    def request_stop(self, task_id: str, force: bool = False) -> dict[str, Any]:
+        return self.redis.request_stop(task_id, force)
 
 
 def task_exists(conn: redis.Redis, task_id: str) -> bool:
@@ -147,21 +356,38 @@ def read_events(conn: redis.Redis, task_id: str, after: str = "0-0") -> list[tup
     return [(_text(eid), json.loads(fields[b"json"])) for eid, fields in entries]
 
 
+class EventsUnavailable(RuntimeError):
+    """Redis stayed unreachable for longer than ``SLMB_REDIS_WAIT_S`` while following a task's events."""
+
+
 def follow_events(conn: redis.Redis, task_id: str, after: str = "0-0", *, block_s: float = 2.0,
                   idle: Callable[[], object] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(id, wire dict)`` from the start (or after ``after``) and then live, until the terminal event.
 
     ``idle()`` is called whenever ``block_s`` passes without an event (the CLI uses it to look for dead
-    workers); the generator also ends if the task ended while it was not looking.
+    workers); the generator also ends if the task ended while it was not looking. A Redis fault (a restart, a
+    stall) is ridden out: the generator retries, resuming after the last event it yielded, and raises
+    :class:`EventsUnavailable` only when Redis has been unreachable for ``SLMB_REDIS_WAIT_S``.
     """
     cursor, key = after, events_key(task_id)
+    down_since, backoff = None, 0.0
     while True:
-        reply = conn.xread({key: cursor}, count=500, block=int(block_s * 1000))
-        if not reply:
-            if terminal_event(conn, task_id) and not conn.xread({key: cursor}, count=1):
-                return
-            if idle is not None:
-                idle()
+        try:
+            reply = conn.xread({key: cursor}, count=500, block=int(block_s * 1000))
+            down_since, backoff = None, 0.0
+            if not reply:
+                if terminal_event(conn, task_id) and not conn.xread({key: cursor}, count=1):
+                    return
+                if idle is not None:
+                    idle()
+                continue
+        except redis.RedisError as exc:
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > redis_wait_s():
+                raise EventsUnavailable(f"Redis has been unreachable for {redis_wait_s():g} s (SLMB_REDIS_WAIT_S): "
+                                        f"{type(exc).__name__}: {exc}; the last event read was {cursor}") from exc
+            backoff = min(max(0.1, backoff * 2), 2.0)
+            time.sleep(backoff)
             continue
         for eid, fields in reply[0][1]:
             cursor = _text(eid)
@@ -231,9 +457,7 @@ class RedisControl:
         self.conn.delete(stop_key(task_id))
 
     def write_status(self, task_id: str, state: State, **info: Any) -> None:
-        fields = {k: json.dumps(v, default=str) for k, v in info.items()}
-        fields.update(task_id=json.dumps(task_id), state=json.dumps(state), updated=json.dumps(time.time()))
-        self.conn.hset(status_key(task_id), mapping=fields)
+        self.conn.hset(status_key(task_id), mapping=_status_fields(task_id, state, info))
 
     def read_status(self, task_id: str) -> dict[str, Any] | None:
         raw = self.conn.hgetall(status_key(task_id))
