@@ -77,8 +77,9 @@ def weights_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Ten
         problems.append(f"{len(missing)} tensor(s) missing ({names(missing)})")
     if unexpected := sorted(set(got) - set(expected)):
         problems.append(f"{len(unexpected)} unexpected tensor(s) ({names(unexpected)})")
-    problems += [f"{k} has shape {list(got[k].shape)}, the structure needs {list(t.shape)}"
-                 for k, t in expected.items() if k in got and got[k].shape != t.shape][:3]
+    shapes = [f"{k} has shape {list(got[k].shape)}, the structure needs {list(t.shape)}"
+              for k, t in expected.items() if k in got and got[k].shape != t.shape]
+    problems += shapes[:3] + ([f"{len(shapes) - 3} more shapes differ"] if len(shapes) > 3 else [])
     return "; ".join(problems) or None
 
 
