@@ -195,14 +195,19 @@ def test_the_control_built_on_the_sink_never_fails_the_loop_and_writes_status_in
     assert control.stop_requested(TASK) is False
     server.kill()
     assert control.stop_requested(TASK) is False  # Redis away: not stopped, and no exception
-    control.write_status(TASK, "finished", step=3)
-    sink.emit(finished())
+    control.write_status(TASK, "running", step=3)
+    sink.emit(step(3))
+    sink.emit(step(4).model_copy(update={"loss": float("nan")}))  # JSON has no NaN: the sink says so, goes on
     server.start()
     conn.set(rev.stop_key(TASK), "{}")
     wait_until(lambda: control.stop_requested(TASK), 30, "the stop flag, read by the sink's thread")
+    control.write_status(TASK, "stopped", step=4)
+    sink.emit(ev.Stopped(task_id=TASK, step=4))
     sink.close()
-    assert rev.RedisControl(conn).read_status(TASK)["state"] == "finished"
-    assert [w["event"] for w in stream(conn)] == ["finished"]
+    assert rev.RedisControl(conn).read_status(TASK)["state"] == "stopped"
+    got = stream(conn)
+    assert [w["event"] for w in got] == ["step", "warning", "stopped"]
+    assert "a step event could not be stored: ValueError" in got[1]["data"]["message"]
 
 
 # ---------------------------------------------------------------------------------------------------- a real run

@@ -170,9 +170,10 @@ class RedisEventSink:
     ``emit`` only queues the event; a thread appends the queue in batches. When Redis fails (down, restarting,
     stalled past the socket timeout) the thread retries with backoff (0.1 s doubling to 5 s) while the queue
     grows up to ``SLMB_EVENT_BUFFER`` events; past that the oldest ``step``/``progress`` events are dropped
-    (a ``warning`` says so), never any other event. Each event carries this sink's sequence number, which the
-    append script checks: re-sending a batch whose reply was lost never doubles an event. After an error the
-    thread also re-sends the recent events a restarted Redis lost (an append-only file syncs once a second).
+    (a ``warning`` says so), never any other event. Each event carries this sink's sequence number and its
+    predecessor's, which the append script checks: re-sending a batch whose reply was lost never doubles an
+    event, and a restarted Redis that lost the last events it had acknowledged (an append-only file syncs once a
+    second) refuses the next one, so the thread re-sends them first, from the last ``RESEND_WINDOW`` it keeps.
     ``close`` waits up to ``SLMB_REDIS_WAIT_S`` for the queue, whose last event is the terminal one, to drain.
 
     The run's status writes and stop-flag reads go through the same thread (:class:`TrainerControl`), so the
@@ -265,7 +266,7 @@ class RedisEventSink:
                     self._send(batch)
                 if check:
                     self._stop = self._stop or bool(self.conn.exists(stop_key(self.task_id)))
-            except redis.RedisError as exc:
+            except Exception as exc:  # Redis down or stalled, mostly; whatever it is, the run's events wait
                 if backoff == 0:
                     log.warning("task %s: writing events to Redis failed (%s: %s); retrying until it is back",
                                 self.task_id, type(exc).__name__, exc)
@@ -291,7 +292,13 @@ class RedisEventSink:
         with self.conn.pipeline(transaction=False) as pipe:
             for seq, item in batch:
                 if isinstance(item, ev.Event):
-                    _append(self._script, pipe, item, self.writer, seq, prev)
+                    try:
+                        _append(self._script, pipe, item, self.writer, seq, prev)
+                    except Exception as exc:  # it cannot be serialised (a pipeline sends nothing yet): say so
+                        _append(self._script, pipe, ev.Warning(
+                            task_id=self.task_id, source=type(self).__name__,
+                            message=f"a {item.name} event could not be stored: {type(exc).__name__}: {exc}"),
+                            self.writer, seq, prev)
                     prev = seq
                 else:
                     pipe.hset(status_key(self.task_id), mapping=item)
