@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from conftest import REPO, shared_dir
 from slmb.core import memory
 from slmb.core.validate import validate
 
+pytest_plugins = ["service_fixtures"]
 MiB = 1 << 20
 
 
@@ -135,3 +137,168 @@ def test_estimate_bounds_the_measured_peak(case, fixed_cost, tmp_path):
 def test_runtime_term_covers_a_tiny_run(fixed_cost):
     tiny_est, tiny = fixed_cost
     assert tiny_est.terms["runtime"] >= tiny["peak"] >= tiny["baseline"]
+
+
+# -- exact terms ---------------------------------------------------------------------------------------------
+
+def test_state_terms_are_four_bytes_per_parameter_each():
+    body = canvas(E=64, V=257, blocks=2, B=4, T=32)
+    est = estimate_of(body)
+    P = (2 * 257 * 64 + 32 * 64  # embedding, head, positions
+         + 2 * (2 * 2 * 64 + 64 * 3 * 64 + 64 * 64 + 64 * 256 + 256 * 64)  # blocks: 2 LayerNorms, no biases
+         + 2 * 64)  # final LayerNorm
+    assert est.parameters == P == 133_888
+    t = est.terms
+    assert (t["weights"], t["gradients"], t["adamw_states"], t["best_weights"]) == (4 * P, 4 * P, 8 * P, 0)
+    assert (t["weight_casts"], t["runtime"], est.dtype, est.device) == (0, memory.RUNTIME_BYTES["cpu"], "fp32", "cpu")
+    N = 4 * 32
+    # fp32 chunked loss head: dL/dh and dL/dW filled while one (N, V) chunk of logits and its dL/dh rows exist
+    assert t["loss_head"] == max(N * 64 * 4 + 257 * 64 * 4 + N * 257 * 4 + N * 64 * 4, 2 * N * 64 * 4 + 257 * 64 * 4)
+    assert est.peak == sum(t.values())
+    patient = estimate_of(canvas(E=64, V=257, blocks=2, B=4, T=32, early_stopping_patience=2))
+    assert patient.terms["best_weights"] == 4 * P and patient.peak == est.peak + 4 * P
+    # activations grow with the micro-batch (batch_size), not with grad_accum_steps
+    assert estimate_of(canvas(E=64, blocks=2, B=8, T=32)).terms["activations"] > t["activations"]
+    assert estimate_of(canvas(E=64, blocks=2, B=4, T=32, grad_accum_steps=4)).peak == est.peak
+
+
+def test_bf16_and_cuda_terms():
+    # Judged for a CUDA worker (bf16 by default there): weights cast to bf16, full logits when they are small.
+    est = estimate_of(canvas(E=64, V=257, blocks=1, B=4, T=32, device="cuda", dtype="auto"))
+    N = 4 * 32
+    assert (est.device, est.dtype, est.terms["runtime"]) == ("cuda", "bf16", 1 << 30)
+    assert est.terms["loss_head"] == N * 257 * (2 + 12)
+    assert est.terms["weight_casts"] == 2 * (64 * 3 * 64 + 64 * 64 + 2 * 64 * 256 + 64 * 257)
+
+
+def test_parse_bytes():
+    assert memory.parse_bytes("16GiB") == 16 << 30
+    assert memory.parse_bytes("500MB") == 500_000_000
+    assert memory.parse_bytes("1.5g") == 3 << 29
+    assert memory.parse_bytes("2 TiB") == 2 << 40
+    assert memory.parse_bytes("123") == 123 and memory.parse_bytes(4096) == 4096
+    assert memory.parse_bytes("64k") == 65536 and memory.parse_bytes("1kb") == 1000
+    for bad in ("", "lots", "16 GiBs", "-1GB", "0", "1e9"):
+        with pytest.raises(ValueError, match="memory size"):
+            memory.parse_bytes(bad)
+
+
+def test_worker_memory_default_and_setting(monkeypatch):
+    monkeypatch.delenv("SLMB_WORKER_MEMORY", raising=False)
+    ram = memory._ram_bytes()
+    limit, source = memory.worker_memory("cpu")
+    assert limit == ram - max(ram // 10, memory.MIN_RESERVE) or limit == ram // 2
+    assert 0 < limit < ram and "RAM" in source
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", "3GiB")
+    assert memory.worker_memory("cpu") == (3 << 30, "SLMB_WORKER_MEMORY")
+    assert memory.worker_memory("cpu", "1GB")[0] == 10**9
+
+
+# -- refusals ------------------------------------------------------------------------------------------------
+
+def wide_embedding() -> dict[str, Any]:
+    """The reported case: embedding width 10^6 (weights alone ~374 GiB with GPT-2's vocabulary)."""
+    body = canvas(E=64, V=50257, blocks=1, name="wide")
+    body["model"][0]["data"]["embDim"] = 10**6
+    body["model"].insert(1, {"type": "linear", "data": {"id": "down", "outDim": 64}})
+    return body
+
+
+def ten_billion() -> dict[str, Any]:
+    return canvas(E=4096, V=50257, blocks=50, B=8, T=1024, name="ten-billion")
+
+
+def test_reported_canvases_are_refused_fast(monkeypatch):
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", "64GiB")
+    validate(canvas())  # imports done: what is timed is the check
+    for body, weights_gib in ((wide_embedding(), 187), (ten_billion(), 39)):
+        t0 = time.perf_counter()
+        report = validate(body, admit=True)
+        assert time.perf_counter() - t0 < 2.0  # meta device: nothing allocated
+        [error] = report.errors
+        assert error.check == "memory" and error.path == "/model"
+        assert f"weights {weights_gib}." in error.message and "more than the 64.0 GiB" in error.message
+        assert error.expected == "<= 64.0 GiB" and error.found.endswith("GiB")
+        assert "fewer or narrower blocks" in error.hint and "batch_size" in error.hint
+        assert not any("GiB in fp32" in w.message for w in report.warnings)  # the error replaces the warning
+
+
+def test_activation_bound_refusal_points_at_the_batch():
+    report = validate(canvas(E=128, blocks=8, B=512, T=1024), admit=True, memory_limit=8 << 30)
+    [error] = report.errors
+    assert error.path == "/config/batch_size" and error.hint.startswith("lower batch_size")
+    assert validate(canvas(E=128, blocks=8, B=4, T=1024), admit=True, memory_limit=8 << 30).ok
+
+
+def test_cli_validate_and_train_refuse_with_the_estimate(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from slmb.cli import app
+
+    monkeypatch.delenv("SLMB_WORKER_MEMORY", raising=False)  # --max-memory sets it for the trainer: restored after
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run = CliRunner().invoke
+    path = tmp_path / "req.json"
+    path.write_text(json.dumps(canvas(E=128, V=4096, blocks=2, name="cli-mem")))  # ~0.9 GiB at its peak
+    out = run(app, ["validate", str(path), "--max-memory", "500MiB"])
+    assert out.exit_code == 1, out.output
+    assert "training needs about" in out.output and "500.0 MiB" in out.output and "hint:" in out.output
+    assert run(app, ["validate", str(path)], env={"SLMB_WORKER_MEMORY": "500MiB"}).exit_code == 1
+    ok = run(app, ["validate", str(path), "--max-memory", "4GiB"])
+    assert ok.exit_code == 0 and "training peak ≈" in ok.output
+    bad = run(app, ["validate", str(path), "--max-memory", "lots"])
+    assert bad.exit_code == 2 and "not a memory size" in bad.output
+    train = run(app, ["train", str(path), "--no-track", "--max-memory", "500MiB"])
+    assert train.exit_code == 1
+    assert "training needs about" in train.output and "more than the 500.0 MiB" in train.output
+    assert "hint: " in train.output
+    runs = Path(os.environ["SLMB_HOME"]) / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # refused before a run was created
+    # --max-memory overrides $SLMB_WORKER_MEMORY: the run trains
+    trained = run(app, ["train", str(path), "--no-track", "--json", "--max-steps", "1", "--max-memory", "8GiB"],
+                  env={"SLMB_WORKER_MEMORY": "500MiB"})
+    assert trained.exit_code == 0, trained.output[-2000:]
+    assert '"event":"finished"' in trained.output.replace(" ", "")
+
+
+def test_trainer_guard_ends_the_run_with_an_error_event(monkeypatch):
+    from slmb.core.events import read_events
+    from slmb.core.store import run_dir
+    from slmb.core.trainer import train
+
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", "300MiB")  # a worker smaller than the API that queued the run
+    with pytest.raises(memory.MemoryLimitError, match=r"training needs about .* more than the 300\.0 MiB"):
+        train(canvas(name="guarded"), task_id="guarded-run", track=False)
+    events = list(read_events(run_dir("guarded-run").events))
+    assert [e.type for e in events][-1] == "error"
+    assert events[-1].data["type"] == "MemoryLimitError" and "To fit:" in events[-1].data["message"]
+    assert not any(e.type == "started" for e in events)  # refused before the model or any data
+
+
+def test_http_answers_422_before_queueing(service, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from slmb.api.app import Settings, create_app
+    from slmb.core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", service.mlflow_uri)
+    conn = service.redis()
+
+    def state() -> tuple:
+        exp = tracking.client().get_experiment_by_name(tracking.experiment_name())
+        runs = len(tracking.client().search_runs([exp.experiment_id])) if exp else 0
+        return runs, conn.llen("rq:queue:slmb"), sorted(k for k in conn.keys("*") if not k.startswith(b"rq:worker"))
+
+    before = state()
+    app = create_app(Settings(redis_url=service.redis_url, worker_memory_bytes=64 << 30))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for body in (wide_embedding(), ten_billion()):
+            resp = client.post("/api/v1/train-complete-model", json=body)
+            assert resp.status_code == 422, resp.text
+            [error] = resp.json()["errors"]
+            assert error["check"] == "memory" and error["path"] == "/model" and error["severity"] == "error"
+            assert error["message"].startswith("training needs about") and "weights" in error["message"]
+            assert "adamw states" in error["message"] and "more than the 64.0 GiB" in error["message"]
+            assert error["expected"] == "<= 64.0 GiB" and "GiB" in error["found"]
+            assert "batch_size" in error["hint"] and "more memory" in error["hint"]
+    assert state() == before  # nothing queued, no run recorded, no MLflow run

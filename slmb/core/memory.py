@@ -78,7 +78,7 @@ def parse_bytes(text: str | int) -> int:
             raise ValueError(f"not a memory size: {text!r} (use bytes, or a number with KB/MB/GB/TB or "
                              "KiB/MiB/GiB/TiB, e.g. 16GiB)")
         number, prefix, binary, b = m.groups()
-        power = "kmgtp".find(prefix.lower()) + 1
+        power = "kmgtp".index(prefix.lower()) + 1 if prefix else 0
         base = 1000 if prefix and b and not binary else 1024
         value = int(float(number) * base**power)
     if value <= 0:
