@@ -1,7 +1,8 @@
 """Datasets -> a cached token memmap -> (x, y) training windows (DESIGN.md §3).
 
 Resolution of a dataset name, in order:
-  1. a path that exists: a ``.txt``, ``.jsonl``/``.json`` or ``.parquet`` file, or a folder of them;
+  1. a path that exists: a ``.txt``, ``.jsonl``/``.json`` or ``.parquet`` file, or a folder of them (``confined``,
+     for requests from the HTTP API: only a relative path inside ``$SLMB_DATA_DIR``, see :func:`path_in_root`);
   2. ``$SLMB_DATA_DIR/<name>`` (``tiny_shakespeare``: ``$SLMB_DATA_DIR/tiny_shakespeare/input.txt``);
   3. the user cache ``~/.cache/slmb/datasets/<name>`` (same layout);
   4. online only: ``tiny_shakespeare`` is downloaded (checksum-pinned) into the user cache; any other name is
@@ -47,6 +48,7 @@ HUB_DATASETS: dict[str, str | None] = {
     "roneneldan/TinyStories": None,
     "allenai/c4": "en",
 }
+DATASET_NAMES = ("tiny_shakespeare", *HUB_DATASETS)  # the names a confined request may use besides files
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
@@ -55,6 +57,10 @@ Chunks = Iterator[tuple[str, bool]]  # (text, the text ends a document)
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset is nowhere slmb may look; the message lists every place and how to supply it."""
+
+
+class DatasetRefusedError(DatasetNotFoundError):
+    """A confined request named something other than a named dataset or a path inside the data root."""
 
 
 class DatasetError(ValueError):
@@ -92,6 +98,33 @@ def hub_offline() -> bool:
     return any(f in {"1", "ON", "YES", "TRUE"} for f in flags)
 
 
+def data_root() -> Path | None:
+    """``$SLMB_DATA_DIR``, the folder whose files may be named as datasets by confined requests; None if unset."""
+    value = os.environ.get("SLMB_DATA_DIR")
+    return Path(value).expanduser().absolute() if value else None
+
+
+def path_in_root(dataset: str, root: Path) -> Path | None:
+    """``dataset`` as a relative path inside ``root`` (resolved), or None when it is not one: absolute, ``~``,
+    a ``..`` part, or a symlink that leads out. Only the spelling and the links inside ``root`` decide, so the
+    answer says nothing about what exists outside it."""
+    if not dataset or len(dataset) > 1024 or "\0" in dataset or dataset.startswith("~"):
+        return None
+    rel = Path(dataset)
+    if rel.is_absolute() or ".." in rel.parts:
+        return None
+    root = root.resolve()
+    path = (root / rel).resolve()
+    return path if path == root or path.is_relative_to(root) else None
+
+
+def refused_dataset(root: Path | None) -> str:
+    """The one message for a dataset a confined request may not use, whether or not such a path exists."""
+    where = (" or a relative path to a file or folder under the data root ($SLMB_DATA_DIR)" if root
+             else "; files are not offered here (there is no data root: SLMB_DATA_DIR, slmb serve --data-dir)")
+    return f"the dataset is not available: use a named dataset ({', '.join(DATASET_NAMES)}){where}"
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every id: uint16 up to 65536 ids, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
@@ -99,7 +132,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def prepare_tokens(dataset: str, dataset_config: str | None, tokenizer: Tokenizer, *, val_fraction: float = 0.1,
                    max_rows: int | None = None, text_field: str = "text", home: Path | None = None,
-                   num_threads: int | None = None) -> TokenData:
+                   num_threads: int | None = None, confined: bool = False) -> TokenData:
     """Resolve ``dataset``, tokenize it once (cached) and return the train/val token streams.
 
     Args:
@@ -111,10 +144,12 @@ def prepare_tokens(dataset: str, dataset_config: str | None, tokenizer: Tokenize
         text_field: the field holding the text in json/jsonl/parquet/hub rows.
         home: slmb's home (default ``$SLMB_HOME``); the cache lives in ``<home>/cache/tokens``.
         num_threads: tokenizer threads (default: one per CPU core).
+        confined: the request comes from someone who does not own this machine (the HTTP API): only a named
+            dataset or a relative path inside ``$SLMB_DATA_DIR``, never relative to the working directory.
     """
     if not 0 <= val_fraction < 1:
         raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    source = _resolve(dataset, dataset_config, text_field, max_rows)
+    source = _resolve(dataset, dataset_config, text_field, max_rows, confined)
     dtype = token_dtype(tokenizer.vocab_size)
     tok = {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint}
     key_doc = {"format": CACHE_FORMAT, "source": source.identity, "tokenizer": tok, "val_fraction": val_fraction}
@@ -133,12 +168,22 @@ def prepare_tokens(dataset: str, dataset_config: str | None, tokenizer: Tokenize
 # --- resolution ------------------------------------------------------------------------------------------------
 
 
-def _resolve(dataset: str, config: str | None, text_field: str, max_rows: int | None) -> _Source:
-    path = Path(dataset).expanduser()
-    if path.exists():
-        return _local(path, text_field, max_rows)
-    looked = [f"{path.resolve()} (the dataset as a path)"]
+def _resolve(dataset: str, config: str | None, text_field: str, max_rows: int | None, confined: bool) -> _Source:
     name = dataset.strip().strip("/")
+    path = Path(dataset).expanduser()
+    looked = []
+    if confined and name not in DATASET_NAMES:
+        root = data_root()
+        inside = path_in_root(dataset, root) if root else None
+        if inside is None:
+            raise DatasetRefusedError(refused_dataset(root))
+        if not inside.exists():
+            raise DatasetNotFoundError(f"dataset {dataset!r} is not under the data root ($SLMB_DATA_DIR)")
+        return _local(inside, text_field, max_rows, root)
+    if not confined:
+        if path.exists():
+            return _local(path, text_field, max_rows)
+        looked.append(f"{path.resolve()} (the dataset as a path)")
     rel = Path("tiny_shakespeare/input.txt") if name == "tiny_shakespeare" else Path(name)
     data_dir = os.environ.get("SLMB_DATA_DIR")
     if data_dir:
@@ -213,17 +258,26 @@ def _hub_texts(name: str, config: str | None, field: str, looked: list[str]) -> 
 # --- local files -------------------------------------------------------------------------------------------------
 
 
-def _local(path: Path, text_field: str, max_rows: int | None) -> _Source:
+def dataset_files(path: Path, root: Path | None = None) -> list[Path]:
+    """The data files of ``path``: the file itself, or the folder's ``SUFFIXES`` files (hidden ones left out).
+    With ``root``, a folder holding a link that leads out of it is refused (:class:`DatasetRefusedError`)."""
     path = path.resolve()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if root is not None and any(path_in_root(str(f.relative_to(root.resolve())), root) is None for f in files):
+            raise DatasetRefusedError(refused_dataset(root))
         if not files:
             raise DatasetNotFoundError(f"folder {path} holds no {'/'.join(SUFFIXES)} files")
-    elif path.suffix in SUFFIXES:
-        files = [path]
-    else:
-        raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+        return files
+    if path.suffix in SUFFIXES:
+        return [path]
+    raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+
+
+def _local(path: Path, text_field: str, max_rows: int | None, root: Path | None = None) -> _Source:
+    path = path.resolve()
+    files = dataset_files(path, root)
     identity = {"kind": "local", "path": str(path), "text_field": text_field, "max_rows": max_rows,
                 "files": [[str(f.relative_to(path)) if f != path else f.name, *_file_id(f)] for f in files]}
     # A single text file is one stream; every other source is documents, each closed by EOS.

@@ -29,6 +29,7 @@ MAX_DIM = 1 << 20
 MAX_VOCAB = 1 << 24
 MAX_BLOCKS = 4096
 MAX_CTX = 1 << 20
+MAX_COUNT = 1 << 40  # steps, rows, intervals: far above any run, and within int64 (torch, numpy, MLflow's step)
 
 
 def _drop_nulls(value: Any) -> Any:
@@ -328,21 +329,21 @@ class Config(BaseModel):
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 3e-4
     min_lr: Annotated[float, Field(ge=0, le=10)] | None = None
     weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.1
-    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 100
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_accum_steps: Annotated[int, Field(ge=1, le=1 << 16)] = 1
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
-    max_steps: Annotated[int, Field(ge=1)] | None = None
-    eval_every: Annotated[int, Field(ge=1)] = 100
-    eval_batches: Annotated[int, Field(ge=1)] = 20
-    early_stopping_patience: Annotated[int, Field(ge=1)] | None = None
+    max_steps: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    eval_every: Annotated[int, Field(ge=1, le=MAX_COUNT)] = 100
+    eval_batches: Annotated[int, Field(ge=1, le=10_000)] = 20  # each is a forward pass, held in memory
+    early_stopping_patience: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     seed: Annotated[int, Field(ge=0, lt=1 << 64)] = 1337  # what torch.manual_seed and numpy both take
     device: str = "auto"
     compile: bool = False
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    max_rows: Annotated[int, Field(ge=1)] | None = None
+    max_rows: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     text_field: str = "text"
-    checkpoint_every: Annotated[int, Field(ge=1)] | None = None
+    checkpoint_every: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
 
     _clean = model_validator(mode="before")(classmethod(lambda cls, v: _drop_nulls(v)))
 

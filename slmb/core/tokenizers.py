@@ -224,9 +224,10 @@ def tokenizer_search_dirs() -> list[Path]:
     return [r.expanduser() for r in roots]
 
 
-def load_tokenizer(name_or_path: str) -> Tokenizer:
+def load_tokenizer(name_or_path: str, *, paths: bool = True) -> Tokenizer:
     """Load a tokenizer by name ("gpt2"/"gpt-2", "llama2", "llama3", "qwen3"/"qwen", "byte") or by the path of
-    a SentencePiece model or tiktoken ranks file. Each one loads once per process.
+    a SentencePiece model or tiktoken ranks file. Each one loads once per process. ``paths=False`` (a request
+    from the HTTP API) takes names only: their files come from :func:`tokenizer_search_dirs`.
 
     Raises:
         TokenizerNotFoundError: the files are missing (the message lists where slmb looked) or the name is unknown.
@@ -237,6 +238,9 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
     if name == "gpt2":
         return _gpt2()
     if name is None:
+        if not paths:
+            raise TokenizerNotFoundError(f"unknown tokenizer {name_or_path[:80]!r}: use one of "
+                                         f"{', '.join(sorted(KNOWN_VOCAB_SIZES))} (files are not accepted here)")
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise TokenizerNotFoundError(

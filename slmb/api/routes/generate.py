@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from slmb.api.routes.events import SSE_HEADERS, sse_message
-from slmb.api.routes.stop import check_name
+from slmb.api.trust import check_name, check_text
 from slmb.core.generate import Generation, Generator, SamplingParams
+from slmb.core.spec import MAX_VOCAB
 from slmb.core.store import BrokenModelError, StoreError
 
 log = logging.getLogger("slmb.api")
@@ -26,22 +27,33 @@ class GenerateBody(BaseModel):
     """The canvas sends ``model_name``, ``input_text``, ``max_length``, ``temperature``, ``top_k``; the rest are
     slmb's sampling controls (:class:`slmb.core.generate.SamplingParams`)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # JSON has no NaN or Infinity, but Python's json module reads them: refuse them here, as SamplingParams would.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model_name: str
     input_text: str = ""
     max_length: int = Field(default=50, ge=0, description="new tokens at most")
-    temperature: float = 0.7
-    top_k: int | None = 40
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    temperature: float = Field(default=0.7, ge=0.0, le=100.0, description="0 = greedy")
+    top_k: int | None = Field(default=40, ge=0, le=MAX_VOCAB, description="0 or null = off")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="null or 1 = off")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    seed: int | None = Field(default=None, ge=0, lt=1 << 64)  # what torch.manual_seed takes
     stop: list[str] = Field(default_factory=list, max_length=16)
 
     @field_validator("model_name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v)
+
+    @field_validator("input_text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return check_text(v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: list[str]) -> list[str]:
+        return [check_text(s) for s in v]
 
 
 def _params(body: GenerateBody, request: Request) -> SamplingParams:

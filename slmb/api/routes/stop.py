@@ -10,17 +10,10 @@ from pydantic import BaseModel, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from slmb.api import redis_events as rev
-from slmb.core.spec import MODEL_NAME_RE
+from slmb.api.trust import check_name
 from slmb.core.store import StoreError
 
 router = APIRouter(tags=["training"])
-
-
-def check_name(value: str) -> str:
-    """Model names and task ids name files: the store's rule (no '/', no leading '.') or a 422."""
-    if not MODEL_NAME_RE.match(value):
-        raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    return value
 
 
 class StopBody(BaseModel):

@@ -1,0 +1,178 @@
+"""The service's trust boundary (DESIGN.md §5): whoever reaches the HTTP API does not own the machine.
+
+What an HTTP caller may name, and what the service may show them, is decided here and nowhere else:
+
+- a dataset is a named one (``slmb.core.data.DATASET_NAMES``) or a relative path to a file or folder under the
+  data root (``SLMB_DATA_DIR``, ``slmb serve --data-dir``); an absolute path, ``~``, ``..`` or a link leading out
+  of the root is refused with one message, whether or not such a path exists. Without a data root, names only;
+- a tokenizer is a name; its files come from the tokenizer search path;
+- a model or task is a name that matches the store's rule;
+- no absolute server path reaches a client: :func:`redact` puts placeholders (``$SLMB_HOME``, ``~``, ...) in place
+  of the roots this process knows, in the events written to Redis and in the responses that could carry paths.
+
+The worker trains an HTTP task with ``confined=True`` (see :mod:`slmb.api.worker`), so the same rules hold where
+the files are opened. The CLI trusts its user and goes through none of this.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from slmb.core.spec import MODEL_NAME_RE
+
+
+def check_name(value: str) -> str:
+    """Model names and task ids name files: the store's rule (no '/', no leading '.') or a ValueError (a 422)."""
+    if not MODEL_NAME_RE.match(value):
+        raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
+def check_text(value: str) -> str:
+    """A lone surrogate (``"\\ud800"`` in JSON) is no character: it cannot be tokenized, encoded or sent back."""
+    if unencodable(value):
+        raise ValueError("the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)")
+    return value
+
+
+def unencodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def request_issues(request: Any, data_root: Path | None) -> list[Any]:
+    """What a valid :class:`~slmb.core.spec.TrainRequest` names that an HTTP caller may not use, as validation
+    issues (JSON pointers ``/dataset`` and ``/config/tokenizer``)."""
+    from slmb.core.data import DATASET_NAMES, DatasetRefusedError, dataset_files, path_in_root, refused_dataset
+    from slmb.core.tokenizers import KNOWN_VOCAB_SIZES, canonical_tokenizer_name
+    from slmb.core.validate import Issue
+
+    issues = []
+    dataset = request.dataset
+    if dataset.strip().strip("/") not in DATASET_NAMES:
+        path = path_in_root(dataset, data_root) if data_root else None
+        problem = None
+        try:
+            if path is not None and path.exists():
+                dataset_files(path, data_root)  # a folder holding a link that leads out is refused too
+        except DatasetRefusedError:
+            path = None
+        except ValueError as exc:  # DatasetError, DatasetNotFoundError: a bad file inside the root
+            problem = str(exc).replace(str(data_root.resolve()), "$SLMB_DATA_DIR")
+        if path is None:
+            issues.append(Issue("/dataset", refused_dataset(data_root), check="trust", found=dataset[:80],
+                                expected="a named dataset or a path under the data root",
+                                hint="datasets outside the data root can be used with the slmb CLI"))
+        elif not path.exists() or problem:
+            issues.append(Issue("/dataset", problem or "no such file or folder under the data root", check="trust",
+                                found=dataset[:80], hint="paths are relative to the data root"))
+    tokenizer = request.config.tokenizer
+    if tokenizer is not None and canonical_tokenizer_name(tokenizer) is None:
+        issues.append(Issue("/config/tokenizer", "the service takes tokenizers by name, not files", check="trust",
+                            expected=f"one of {', '.join(sorted(KNOWN_VOCAB_SIZES))}",
+                            hint="tokenizer files are found on the server's tokenizer search path "
+                                 "($SLMB_TOKENIZER_DIR/<name>/)"))
+    return issues
+
+
+# ---------------------------------------------------------------------------------------------------- redaction
+
+
+def _cwd() -> Path:
+    try:
+        return Path.cwd()
+    except OSError:  # the working directory was removed
+        return Path("/")
+
+
+def _roots(data_dir: Path | None) -> list[tuple[str, str]]:
+    """(absolute path, placeholder) for every root this process knows, deepest first so nested roots (a home
+    inside a temp dir inside the user's home) take the most specific name. Both spellings of a root that is
+    reached through a link are listed."""
+    from slmb.core.store import slmb_home
+
+    env = os.environ
+    named = [(slmb_home(), "$SLMB_HOME"), (Path.home(), "~"), (Path(tempfile.gettempdir()), "$TMPDIR"),
+             (_cwd(), "$CWD")]
+    named += [(Path(env[k]).expanduser(), f"${k}") for k in ("SLMB_DATA_DIR", "SLMB_TOKENIZER_DIR") if env.get(k)]
+    if data_dir is not None:
+        named.append((Path(data_dir), "$SLMB_DATA_DIR"))
+    pairs = {}
+    for path, name in named:
+        for form in (str(path.absolute()), str(path.resolve())):
+            if form != "/":
+                pairs.setdefault(form.rstrip("/"), name)
+    return sorted(pairs.items(), key=lambda p: -len(p[0]))
+
+
+def _map_strings(value: Any, fn: Any) -> Any:
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_map_strings(v, fn) for v in value]
+    return value
+
+
+def redact(value: Any, data_dir: Path | None = None) -> Any:
+    """``value`` (a string, or JSON-like data) with every known root replaced by its placeholder:
+    ``/srv/slmb-home/runs/x`` -> ``$SLMB_HOME/runs/x``."""
+    roots = _roots(data_dir)
+    names = dict(roots)
+    pattern = re.compile("|".join(f"{re.escape(root)}(?![\\w.-])" for root, _ in roots))
+    return _map_strings(value, lambda text: pattern.sub(lambda m: names[m.group(0)], text))
+
+
+def redact_event(event: Any) -> Any:
+    """The event with :func:`redact` applied to its payload (events stored in Redis are read over HTTP)."""
+    return type(event).model_validate(redact(event.model_dump()))
+
+
+def printable(value: Any) -> Any:
+    """JSON-like data that a JSON response can always carry: NaN and Infinity as strings, lone surrogates
+    escaped (``\\ud800``). For echoing a caller's bad input back in a 422."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("-" if value < 0 else "") + "Infinity"
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable(v) for v in value]
+    if isinstance(value, str) and unencodable(value):
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value
+
+
+def store_relative(items: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``items`` redacted, with the paths under ``keys`` relative to the store (left out if outside it)."""
+    from slmb.core.store import slmb_home
+
+    home, out = slmb_home(), []
+    for item in items:
+        item = dict(item)
+        for key in keys:
+            value = item.get(key)
+            if isinstance(value, str) and Path(value).is_absolute():
+                path = Path(value)
+                if path.is_relative_to(home):
+                    item[key] = str(path.relative_to(home))
+                else:
+                    del item[key]
+        out.append(redact(item))
+    return out
+
+
+def public_url(url: str) -> str:
+    """``url`` without its user and password."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+                      ) if parts.hostname else url
