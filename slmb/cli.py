@@ -213,11 +213,18 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
               None, "--worker-memory", envvar="SLMB_WORKER_MEMORY", metavar="SIZE",
               help="memory a training may use, e.g. 16GiB: larger requests get a 422 (default: this machine's RAM "
                    "less a reserve, or the GPU's memory)"),
+          data_dir: Path | None = typer.Option(
+              None, "--data-dir", envvar="SLMB_DATA_DIR", file_okay=False, exists=True,
+              help="the data root: HTTP callers may name files and folders under it as datasets (else named "
+                   "datasets only)"),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM."""
     import logging
+    import os
 
-    _memory_limit(worker_memory, "--worker-memory")  # the API and the workers it starts read it from the environment
+    if data_dir is not None:  # the API and the workers it starts read it from the environment
+        os.environ["SLMB_DATA_DIR"] = str(data_dir.resolve())
+    _memory_limit(worker_memory, "--worker-memory")  # so does this
 
     from slmb.api.serve import serve as run_service
 

@@ -37,6 +37,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from slmb.api.trust import redact_event
 from slmb.core import events as ev
 from slmb.core.control import DONE_STATES, State
 from slmb.core.store import StoreError, check_task_id
@@ -145,8 +146,9 @@ return id
 def _append(script: Any, client: Any, event: ev.Event, writer: str = "", seq: int | None = None,
             prev: int = 0) -> Any:
     tid = event.task_id
-    args = [stream_maxlen(), event.name, event.to_json(), "1" if event.terminal else "0", task_ttl_s(), tid,
-            writer, "" if seq is None else seq, prev]
+    # What enters the stream is read by HTTP clients: no absolute paths of this machine (the JSONL log keeps them).
+    args = [stream_maxlen(), event.name, redact_event(event).to_json(), "1" if event.terminal else "0",
+            task_ttl_s(), tid, writer, "" if seq is None else seq, prev]
     return script(keys=[*task_keys(tid), RUNNING], args=args, client=client)
 
 

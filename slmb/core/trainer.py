@@ -293,7 +293,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sinks: Sequence[ev.Sink] = (),
           overrides: Mapping[str, Any] | None = None, resume: bool = False, control: Control | None = None,
-          track: bool = True, step_every_s: float = STEP_EVERY_S) -> TrainResult:
+          track: bool = True, step_every_s: float = STEP_EVERY_S, confined: bool = False) -> TrainResult:
     """Train the model a request describes; see the module docstring.
 
     Args:
@@ -307,6 +307,8 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
         control: where stop flags and status live (files in the run directory by default).
         track: log to MLflow.
         step_every_s: minimum seconds between ``step``/``progress`` events (0 = every step).
+        confined: the request comes from the HTTP API, not the machine's owner: a named dataset or a file under
+            ``$SLMB_DATA_DIR`` only, and tokenizers by name only (``prepare_tokens``, ``load_tokenizer``).
 
     Raises:
         RequestInvalidError: the request is invalid (nothing is created).
@@ -347,7 +349,7 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
     control.register_process(run.task_id)
     control.write_status(run.task_id, "running", model_name=model_name, pid=os.getpid())
     emitter.emit(ev.Status(task_id=run.task_id, state="running"))
-    loop = _Loop(run, body, report.request, model_name, emitter, control, mlflow_sink, step_every_s)
+    loop = _Loop(run, body, report.request, model_name, emitter, control, mlflow_sink, step_every_s, confined)
     try:
         return loop.run(resume)
     except KeyboardInterrupt:
@@ -372,10 +374,10 @@ class _Loop:
     """One training run's state; ``run`` is the loop. A class only so the stop/finish paths share the state."""
 
     def __init__(self, run: Run, body: dict[str, Any], req: Any, model_name: str, emitter: ev.Emitter,
-                 control: Control, mlflow_sink: Any, step_every_s: float):
+                 control: Control, mlflow_sink: Any, step_every_s: float, confined: bool = False):
         self.run_, self.body, self.req, self.model_name = run, body, req, model_name
         self.emitter, self.control, self.mlflow_sink = emitter, control, mlflow_sink
-        self.step_every_s = step_every_s
+        self.step_every_s, self.confined = step_every_s, confined
         self.task_id = run.task_id
         self.state = TrainState()
         self.t_session, self.elapsed_before = time.monotonic(), 0.0
@@ -405,7 +407,7 @@ class _Loop:
         if refusal:
             raise MemoryLimitError(refusal)
 
-        tokenizer = load_tokenizer(cfg.tokenizer_name)
+        tokenizer = load_tokenizer(cfg.tokenizer_name, paths=not self.confined)
         torch.manual_seed(cfg.seed)
         model = build_model(req, device=device)
         check_vocab(model.vocab_size, tokenizer)  # before any data is tokenized or step taken
@@ -414,7 +416,7 @@ class _Loop:
             self.warn(fallback)
         scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
         data = prepare_tokens(req.dataset, req.dataset_config, tokenizer, val_fraction=cfg.val_fraction,
-                              max_rows=cfg.max_rows, text_field=cfg.text_field)
+                              max_rows=cfg.max_rows, text_field=cfg.text_field, confined=self.confined)
         T, B, accum = cfg.context_length, cfg.batch_size, cfg.grad_accum_steps
         train_loader = WindowLoader(data.train, T, cfg.resolved_stride, B, cfg.seed)
         val_loader = None
