@@ -360,8 +360,9 @@ def stop(task_id: str = typer.Argument(..., help="the run's task id (printed by 
 
 @app.command(name="list")
 def list_models(as_json: bool = typer.Option(False, "--json", help="print models and tasks as JSON")) -> None:
-    """List the completed models in the store, and the training runs: the service's tasks with $SLMB_REDIS_URL
-    set, else this machine's runs (the table shows those not finished). --json prints
+    """List the completed models in the store (a broken one with the reason), and the training runs: the service's
+    tasks with $SLMB_REDIS_URL set, else this machine's runs (the table shows those not finished; a task the HTTP
+    service recorded here shows the state held by the Redis it names, or "unknown" and why). --json prints
     {"models": [...], "tasks": [...]} either way."""
     from slmb.core.store import list_models as completed_models
 
@@ -374,13 +375,15 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="print models
     else:
         from slmb.core.control import list_runs
 
-        tasks, service = list_runs(), False
+        tasks, service = _service_states(list_runs()), False
     if as_json:
         typer.echo(json.dumps({"models": [m.to_dict() for m in models], "tasks": tasks}, indent=2, default=str))
         return
     shown = tasks if service else [t for t in tasks if t["state"] != "finished"]
     if shown:
         _render_tasks(shown, service)
+        for message in dict.fromkeys(t["message"] for t in shown if t["state"] == "unknown"):
+            typer.echo(f"unknown: {message}")
     if not models:
         typer.echo("no completed models yet (train one with `slmb train FILE`)")
         return
@@ -464,6 +467,38 @@ def _service_redis() -> Any:
     except redis.RedisError as exc:
         _fail(f"cannot reach the service's Redis at $SLMB_REDIS_URL={url}: {exc}", EXIT_INVALID)
     return conn
+
+
+def _service_states(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill in the state of the HTTP service's tasks that this machine's files cannot tell ("unknown") from the Redis
+    each one names, where that Redis answers."""
+    import redis
+
+    from slmb.api.redis_events import RedisControl
+
+    conns: dict[str, Any] = {}
+    for task in tasks:
+        url = (task.get("service") or {}).get("redis_url")
+        if task["state"] != "unknown" or not url:
+            continue
+        if url not in conns:
+            try:
+                conns[url] = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
+                conns[url].ping()
+            except (redis.RedisError, ValueError):
+                conns[url] = None
+        if conns[url] is None:
+            task["message"] = (f"a task of the HTTP service, whose Redis ({url}) does not answer: set SLMB_REDIS_URL "
+                               "to the service's Redis to see its state")
+            continue
+        status = RedisControl(conns[url]).read_status(task["task_id"])
+        if status is None:
+            task["message"] = (f"the service's Redis ({url}) no longer holds this task (an ended task expires after "
+                               "SLMB_TASK_TTL_S)")
+            continue
+        task.update(state=status.get("state", "queued"), step=status.get("step", task["step"]),
+                    updated=status.get("updated"), message=status.get("message"))
+    return tasks
 
 
 def _train_queued(body: Any, overrides: dict[str, Any], sink: Any) -> None:

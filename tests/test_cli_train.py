@@ -13,6 +13,7 @@ from slmb.core import events as ev
 from slmb.core import store
 
 SLMB = [sys.executable, "-m", "slmb"]
+pytest_plugins = ["service_fixtures"]
 
 
 @pytest.fixture
@@ -34,16 +35,17 @@ def slmb(*args, env, timeout=120):
     return subprocess.run([*SLMB, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_training(path, env, *args):
-    """Start `slmb train --json` and read its events until the first step; returns (process, events so far)."""
+def start_training(path, env, *args, until="step"):
+    """Start `slmb train --json` and read its events until the first ``until`` event; returns (process, events
+    so far)."""
     proc = subprocess.Popen([*SLMB, "train", str(path), "--json", "--no-track", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stdout:
         seen.append(ev.parse_event(json.loads(line)))
-        if seen[-1].name == "step":
+        if seen[-1].name == until:
             return proc, seen
-    raise AssertionError(f"training ended before its first step: {proc.wait()} {proc.stderr.read()}")
+    raise AssertionError(f"training ended before its first {until}: {proc.wait()} {proc.stderr.read()}")
 
 
 def finish(proc, seen):
@@ -128,7 +130,8 @@ def test_slmb_stop_from_another_terminal(request_file, env):
 
 
 def test_slmb_stop_force_kills_and_still_ends_the_log(request_file, env):
-    proc, seen = start_training(request_file(max_steps=100_000, checkpoint_every=1), env)
+    # Killed before its first checkpoint, a run has none to name: wait for one, however slow the machine.
+    proc, seen = start_training(request_file(max_steps=100_000, checkpoint_every=1), env, until="checkpoint")
     task_id = seen[0].task_id
     stopping = slmb("stop", task_id, "--force", env=env)
     assert stopping.returncode == 0 and "killed the training process" in stopping.stdout
@@ -149,3 +152,66 @@ def test_cli_errors(request_file, env, tmp_path):
     assert slmb("events", "no-such-task", env=env).returncode == 1
     assert "no completed models" in slmb("list", env=env).stdout
     assert json.loads(slmb("list", "--json", env=env).stdout) == {"models": [], "tasks": []}
+
+
+def test_a_force_stop_between_checkpoints_names_the_checkpoint_on_disk():
+    """A trainer publishes step-N+1, deletes step-N, and only then logs N+1's ``checkpoint``. Killed in between (a
+    busy machine widens that gap), its log's last checkpoint is gone while N+1 is whole on disk: the ``stopped``
+    that ``stop --force`` appends must name N+1, the one ``--resume`` continues from."""
+    from slmb.core.control import FileControl
+
+    run = store.create_run(toy_request())
+    sink = ev.JsonlSink(run.events)
+    sink.emit(ev.Step(task_id=run.task_id, step=4, total_steps=100, epoch=0, loss=5.0, lr=1e-3))
+    sink.emit(ev.Checkpoint(task_id=run.task_id, step=4, path=str(run.checkpoints / "step-00000004")))
+    sink.close()
+    whole = run.checkpoints / "step-00000005"
+    whole.mkdir()
+    store.write_json(whole / "trainer.json", {"state": {"step": 5}})
+    (run.checkpoints / ".tmp-step-00000006-123").mkdir()  # a save the kill interrupted: not a checkpoint
+    FileControl().write_status(run.task_id, "running")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    store.write_json(run.pid, {"pid": gone.pid, "start_time": None, "host": socket.gethostname()})
+
+    FileControl().request_stop(run.task_id, force=True)
+    stopped = ev.read_events(run.events)[-1]
+    assert (stopped.name, stopped.checkpoint, stopped.step) == ("stopped", str(whole), 5)
+    assert FileControl().read_status(run.task_id)["checkpoint"] == str(whole)
+
+
+def test_slmb_list_tells_the_truth_about_the_service_tasks_queued_from_this_home(service, monkeypatch):
+    """The API records each task in its SLMB_HOME, a worker in another home runs it: without SLMB_REDIS_URL,
+    `slmb list` there reads the state from the Redis the run names (never a false "queued"), and says "unknown"
+    and why when that Redis does not answer."""
+    from service_fixtures import read_sse, submit_and_wait, tiny_request
+
+    home = service.tmp / "home-api"
+    env = {**service.env, "SLMB_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env.pop("SLMB_REDIS_URL")
+    with service.client() as client:
+        finished = submit_and_wait(client, tiny_request("listed-finished", max_steps=4), until="finished")
+        stopped = submit_and_wait(client, tiny_request("listed-stopped", max_steps=100_000))
+        assert client.post("/api/v1/stop-training", json={"task_id": stopped}).status_code == 200
+        assert read_sse(client, f"/api/v1/events/{stopped}")[-1]["event"] == "stopped"
+    assert not (home / "runs" / finished / "events.jsonl").exists()  # the worker's log is in its own home
+
+    # A task whose Redis is gone (a service since moved or stopped).
+    from slmb.api.serve import free_port
+
+    monkeypatch.setenv("SLMB_HOME", str(home))
+    orphan = store.create_run({"modelName": "orphan"}, service={"redis_url": f"redis://127.0.0.1:{free_port()}/0",
+                                                                "queue": "slmb"}).task_id
+
+    tasks = {t["task_id"]: t for t in json.loads(slmb("list", "--json", env=env).stdout)["tasks"]}
+    assert (tasks[finished]["state"], tasks[finished]["step"], tasks[finished]["model_name"]) == (
+        "finished", 4, "listed-finished")
+    assert tasks[finished]["service"] == {"redis_url": service.redis_url, "queue": "slmb"}
+    assert tasks[stopped]["state"] == "stopped" and tasks[stopped]["step"] >= 1
+    assert tasks[orphan]["state"] == "unknown" and "does not answer: set SLMB_REDIS_URL" in tasks[orphan]["message"]
+
+    table = slmb("list", env=env).stdout
+    assert stopped in table and orphan in table and finished not in table  # the table shows runs not finished
+    assert "unknown: a task of the HTTP service, whose Redis" in table
+    refused = slmb("stop", orphan, env=env)
+    assert refused.returncode == 1 and "is a task of the HTTP service: stop it there" in refused.stderr

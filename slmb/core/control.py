@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from slmb.core import events as ev
-from slmb.core.store import StoreError, read_json, run_dir, slmb_home, write_json
+from slmb.core.store import (
+    Run,
+    StoreError,
+    checkpoint_step,
+    latest_checkpoint,
+    read_json,
+    run_dir,
+    slmb_home,
+    write_json,
+)
 
 State = Literal["queued", "running", "stopped", "finished", "error"]
 DONE_STATES = ("stopped", "finished", "error")
@@ -109,6 +118,10 @@ class FileControl:
         run = run_dir(task_id)
         if not run.exists():
             raise StoreError(f"no run {task_id!r} in {run.path.parent}")
+        service = service_of(run)
+        if service is not None:  # a stop flag here would reach no worker
+            raise StoreError(f"run {task_id} is a task of the HTTP service: stop it there (set SLMB_REDIS_URL to "
+                             f"its Redis, {service.get('redis_url')}, or POST /api/v1/stop-training)")
         mode = "force_kill" if force else "cooperative_stop"
         state = (self.read_status(task_id) or {}).get("state", "queued")
         if state in DONE_STATES:
@@ -146,15 +159,21 @@ class FileControl:
         return f"the training process {pid} exited"
 
     def _close_log(self, task_id: str, pid: int, message: str) -> None:
-        """A killed trainer wrote no ``stopped``: append it, with the last step and checkpoint it reached."""
+        """A killed trainer wrote no ``stopped``: append it, with the last step and checkpoint it reached.
+
+        The checkpoint is the newest whole one on disk, not the log's last ``checkpoint`` event: the trainer
+        publishes step N+1, deletes step N and only then logs N+1, so a kill in between leaves a log whose last
+        checkpoint is gone while N+1 is there to resume from."""
         run = run_dir(task_id)
         history = ev.read_events(run.events)
         if any(e.terminal for e in history):
             return
         step = next((e.step for e in reversed(history) if isinstance(e, (ev.Step, ev.Progress, ev.Checkpoint))),
                     None)
-        ckpt = next((e.path for e in reversed(history) if isinstance(e, ev.Checkpoint) and Path(e.path).exists()),
-                    None)
+        latest = latest_checkpoint(run)
+        ckpt = str(latest) if latest else None
+        if latest is not None:
+            step = max(step or 0, checkpoint_step(latest))
         sink = ev.JsonlSink(run.events)
         try:
             sink.emit(ev.StopForced(task_id=task_id, pid=pid, message=message))
@@ -165,10 +184,22 @@ class FileControl:
         self.write_status(task_id, "stopped", step=step, checkpoint=ckpt)
 
 
+def service_of(run: Run) -> dict[str, Any] | None:
+    """``{"redis_url", "queue"}`` when the run is a task of the HTTP service, else None."""
+    try:
+        service = read_json(run.service)
+    except (OSError, ValueError):
+        return None
+    return service if isinstance(service, dict) else None
+
+
 def list_runs() -> list[dict[str, Any]]:
     """The training runs in this SLMB_HOME, oldest first: task id, model name, state, last step, times.
 
-    A run whose status says "running" but whose process is gone (killed with the machine, say) is "lost"."""
+    A run whose status says "running" but whose process is gone (killed with the machine, say) is "lost".
+    A task of the HTTP service (``service`` set) keeps its state in the service's Redis, which this module does not
+    read: its state is the one its event log ended with (a worker sharing this SLMB_HOME writes the log here), else
+    "unknown", never a "queued" it may long have left (the CLI then asks that Redis)."""
     root = slmb_home() / "runs"
     control, runs = FileControl(), []
     for path in root.iterdir() if root.is_dir() else []:
@@ -178,6 +209,9 @@ def list_runs() -> list[dict[str, Any]]:
         except (StoreError, OSError, ValueError):
             continue  # not a run directory, or one whose request is unreadable
         status = control.read_status(run.task_id) or {}
+        service = service_of(run)
+        if service is not None and not status:
+            status = _service_status(run, service)
         state = status.get("state", "queued")
         if state == "running":
             try:
@@ -193,8 +227,22 @@ def list_runs() -> list[dict[str, Any]]:
         body = request if isinstance(request, dict) else {}
         runs.append({"task_id": run.task_id, "model_name": body.get("modelName") or body.get("model_name"),
                      "state": state, "step": step, "created": run.request.stat().st_mtime,
-                     "updated": status.get("updated"), "message": status.get("message")})
+                     "updated": status.get("updated"), "message": status.get("message"), "service": service})
     return sorted(runs, key=lambda r: r["created"])
+
+
+def _service_status(run: Run, service: dict[str, Any]) -> dict[str, Any]:
+    """What this machine's files tell of a service task: the terminal event of its log if it has one."""
+    history = ev.read_events(run.events)
+    ended = next((e for e in reversed(history) if e.terminal), None)
+    step = next((e.step for e in reversed(history) if isinstance(e, (ev.Step, ev.Progress, ev.Stopped, ev.Finished))
+                 and e.step is not None), None)
+    if ended is not None:
+        return {"state": ended.name, "step": step, "updated": ended.ts,
+                "message": getattr(ended, "message", None)}
+    return {"state": "unknown", "step": step,
+            "message": f"a task of the HTTP service: its state is in the service's Redis "
+                       f"({service.get('redis_url')}); set SLMB_REDIS_URL to see it"}
 
 
 def get_control() -> Control:

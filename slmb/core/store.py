@@ -2,7 +2,8 @@
 
 ```
 $SLMB_HOME/
-  runs/<task_id>/           events.jsonl, status.json, request.json, pid.json, checkpoints/
+  runs/<task_id>/           events.jsonl, status.json, request.json, pid.json, checkpoints/,
+                            service.json (a task of the HTTP service: the Redis that holds its state)
   completed/<name>          -> .versions/<name>/<version>   (a relative symlink)
   completed/.versions/<name>/<version>/   model.safetensors, structure.json, metadata.json
   mlflow.db                 the default MLflow tracking store
@@ -175,8 +176,24 @@ class Run:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @property
+    def service(self) -> Path:
+        """``{"redis_url", "queue"}`` of the HTTP service whose task this is: its state lives in that Redis."""
+        return self.path / "service.json"
+
     def exists(self) -> bool:
         return self.path.is_dir()
+
+
+def latest_checkpoint(run: Run) -> Path | None:
+    """The run's newest whole checkpoint (``checkpoints/step-N/`` with its ``trainer.json``): the one a resume
+    continues from. A save cut short is a ``.tmp-`` directory or lacks ``trainer.json``, and is never it."""
+    found = sorted(p for p in run.checkpoints.glob("step-*") if (p / "trainer.json").is_file())
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
 
 
 def new_task_id() -> str:
@@ -187,11 +204,15 @@ def run_dir(task_id: str) -> Run:
     return Run(check_task_id(task_id), slmb_home() / "runs" / task_id)
 
 
-def create_run(request: Mapping[str, Any], task_id: str | None = None) -> Run:
-    """Make ``runs/<task_id>/`` (a new id unless given) holding the request as sent."""
+def create_run(request: Mapping[str, Any], task_id: str | None = None, service: Mapping[str, Any] | None = None
+               ) -> Run:
+    """Make ``runs/<task_id>/`` (a new id unless given) holding the request as sent; ``service`` marks a task of
+    the HTTP service, which a worker runs elsewhere (see :attr:`Run.service`)."""
     run = run_dir(task_id or new_task_id())
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     write_json(run.request, dict(request))
+    if service is not None:
+        write_json(run.service, dict(service))
     return run
 
 

@@ -39,6 +39,7 @@ from slmb.core.store import (
     Run,
     StoreError,
     create_run,
+    latest_checkpoint,
     load_weights,
     read_json,
     run_dir,
@@ -201,11 +202,6 @@ def apply_overrides(body: Mapping[str, Any], overrides: Mapping[str, Any] | None
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-
-
-def latest_checkpoint(run: Run) -> Path | None:
-    found = sorted(p for p in run.checkpoints.glob("step-*") if (p / "trainer.json").is_file())
-    return found[-1] if found else None
 
 
 def snapshot_weights(model: nn.Module, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

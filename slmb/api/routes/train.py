@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -72,9 +73,15 @@ def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> int:
     from slmb.api.worker import submit
     from slmb.core.store import create_run
 
-    alive = alive_workers(app.state.redis, app.state.settings.queue)  # before: a queued run is never failed here
-    create_run(request, task_id)
-    submit(app.state.redis, request, task_id=task_id, queue=app.state.settings.queue)
+    settings = app.state.settings
+    alive = alive_workers(app.state.redis, settings.queue)  # before: a queued run is never failed here
+    # The run directory says where the task's state lives, so `slmb list` here never reports a worker's run (in
+    # another SLMB_HOME, or on another machine) as forever queued. Never the password: it stays in the environment.
+    url = urlsplit(settings.redis_url)
+    if url.password:
+        url = url._replace(netloc=f"{url.username or ''}:***@{url.hostname}" + (f":{url.port}" if url.port else ""))
+    create_run(request, task_id, service={"redis_url": urlunsplit(url), "queue": settings.queue})
+    submit(app.state.redis, request, task_id=task_id, queue=settings.queue)
     return alive
 
 
