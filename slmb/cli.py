@@ -472,15 +472,16 @@ def _service_redis() -> Any:
 def _service_states(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fill in the state of the HTTP service's tasks that this machine's files cannot tell ("unknown") from the Redis
     each one names, where that Redis answers."""
+    asked = [t for t in tasks if t["state"] == "unknown" and (t.get("service") or {}).get("redis_url")]
+    if not asked:
+        return tasks  # no Redis client to import
     import redis
 
     from slmb.api.redis_events import RedisControl
 
     conns: dict[str, Any] = {}
-    for task in tasks:
-        url = (task.get("service") or {}).get("redis_url")
-        if task["state"] != "unknown" or not url:
-            continue
+    for task in asked:
+        url = task["service"]["redis_url"]
         if url not in conns:
             try:
                 conns[url] = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5)
