@@ -71,6 +71,7 @@ TRAINER = textwrap.dedent("""
     sink.emit(ev.Status(task_id=run.task_id, state="running"))
     ckpt = run.checkpoints / "step-3"
     ckpt.mkdir()
+    store.write_json(ckpt / "trainer.json", {})  # what makes a checkpoint whole
     for step in range(1, 6):
         sink.emit(ev.Step(task_id=run.task_id, step=step, total_steps=100, epoch=0, loss=1.0, lr=0.1))
         if step == 3:
