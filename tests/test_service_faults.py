@@ -246,6 +246,9 @@ def test_a_run_queued_when_serve_stops_runs_when_it_starts_again(tmp_path):
         assert answer["workers_alive"] == 0
         assert any(w["check"] == "workers" and "stays queued" in w["message"] for w in answer["warnings"])
         url = service.redis_url
+        second = subprocess.run([sys.executable, "-m", "slmb", "serve", "--port", str(free_port()), "--workers", "0"],
+                                env=service.env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0 and "another slmb serve is using the Redis data" in second.stderr
         service.stop()
         assert service.proc.returncode == 0, service.log()
 
@@ -270,3 +273,75 @@ def test_stopping_serve_stops_its_restarted_children_in_order(served):
     log = Path(served.env["SLMB_HOME"]) / "runs" / task_id / "events.jsonl"
     last = json.loads(log.read_text().splitlines()[-1])
     assert last["event"] == "stopped" and last["data"]["reason"] == "requested", last
+
+
+# ---------------------------------------------------------------------------------------------------- reconcile
+
+
+@pytest.fixture
+def redis_conn(tmp_path, monkeypatch) -> Iterator[redis.Redis]:
+    """A redis-server of the test's own, MLflow's sqlite store in tmp, one-second heartbeats."""
+    from mlflow.tracking import MlflowClient
+    from service_fixtures import start_redis, stop_process
+
+    monkeypatch.setenv("SLMB_HEARTBEAT_S", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).create_experiment("slmb", (tmp_path / "art").as_uri())
+    proc, url = start_redis(tmp_path)
+    conn = redis.Redis.from_url(url)
+    try:
+        yield conn
+    finally:
+        conn.close()
+        stop_process(proc)
+
+
+def test_reconcile_closes_the_mlflow_run_of_an_ended_task_and_leaves_local_runs_alone(redis_conn):
+    from slmb.api import redis_events as rev
+    from slmb.api.worker import reconcile, submit
+    from slmb.core import events as ev
+    from slmb.core import tracking
+
+    body = tiny_request("reconciled")
+    service_task = submit(redis_conn, body)
+    tracking.start_run(service_task, body)
+    tracking.start_run("local-cli-run", body)  # a local `slmb train` on the same store: Redis does not know it
+    rev.append_event(redis_conn, ev.Stopped(task_id=service_task, reason="requested"))  # MLflow never told
+
+    assert reconcile(redis_conn)["mlflow_closed"] == [service_task]
+    runs = {r.data.tags["task_id"]: r for r in tracking.client().search_runs(
+        [tracking.client().get_experiment_by_name("slmb").experiment_id])}
+    assert runs[service_task].info.status == "KILLED" and runs[service_task].data.tags["training_status"] == "stopped"
+    assert runs["local-cli-run"].info.status == "RUNNING"
+    tracking.client().update_run(runs[service_task].info.run_id, status="RUNNING")  # as a later local --resume
+    assert reconcile(redis_conn)["mlflow_closed"] == []  # an ended task's run is looked at once
+
+
+def test_reconcile_ends_lost_jobs_and_the_reaper_ends_started_jobs_of_dead_workers(redis_conn):
+    from rq.job import JobStatus
+
+    from slmb.api import redis_events as rev
+    from slmb.api.worker import reap_dead_tasks, reconcile, submit
+
+    lost = submit(redis_conn, tiny_request("lost"))
+    redis_conn.delete(f"rq:job:{lost}")  # its job gone with the last second of writes before a crash
+    redis_conn.hset(rev.task_key(lost), "created", time.time() - 60)
+    orphans = [submit(redis_conn, tiny_request(f"orphan-{i}")) for i in range(2)]
+    for task_id in orphans:  # STARTED by a worker that died while Redis was down: not among the running tasks
+        rev.fetch_job(redis_conn, task_id).set_status(JobStatus.STARTED)
+    rev.RedisControl(redis_conn).request_stop(orphans[1], force=True)
+    queued = submit(redis_conn, tiny_request("queued"))
+
+    assert reconcile(redis_conn, mlflow=False)["ended"] == [lost]
+    assert rev.terminal_event(redis_conn, lost) == "error"
+    assert {m.decode() for m in redis_conn.smembers(rev.RUNNING)} == set(orphans)
+    assert reap_dead_tasks(redis_conn) == []  # a lapsed heartbeat first earns one more liveness period
+    reaped: list[str] = []
+    wait_until(lambda: reaped.extend(reap_dead_tasks(redis_conn)) or len(reaped) >= 2, 30, "the orphans reaped",
+               interval=0.5)
+    assert sorted(reaped) == sorted(orphans)
+    assert rev.terminal_event(redis_conn, orphans[0]) == "error"
+    assert rev.terminal_event(redis_conn, orphans[1]) == "stopped"  # a forced stop ends KILLED, not FAILED
+    assert all(rev.fetch_job(redis_conn, t).get_status() == JobStatus.FAILED for t in orphans)  # not STARTED
+    assert rev.terminal_event(redis_conn, queued) is None
+    assert rev.fetch_job(redis_conn, queued).get_status() == JobStatus.QUEUED  # a worker will take it

@@ -321,8 +321,12 @@ def reconcile(conn: redis.Redis, *, mlflow: bool = True) -> dict[str, list[str]]
         terminal = rev.terminal_event(conn, task_id)
         if terminal:
             if mlflow and not conn.hexists(rev.task_key(task_id), MLFLOW_CHECKED):
-                if _close_mlflow_run(task_id, terminal):
-                    done["mlflow_closed"].append(task_id)
+                try:
+                    if _close_mlflow_run(task_id, terminal):
+                        done["mlflow_closed"].append(task_id)
+                except Exception as exc:  # MLflow down: this task is looked at again next time
+                    log.warning("task %s: could not check its MLflow run: %s: %s", task_id, type(exc).__name__, exc)
+                    continue
                 conn.hset(rev.task_key(task_id), MLFLOW_CHECKED, 1)
             continue
         if task_id in running:
@@ -348,7 +352,7 @@ def reconcile(conn: redis.Redis, *, mlflow: bool = True) -> dict[str, list[str]]
 
 
 def _close_mlflow_run(task_id: str, terminal: str) -> bool:
-    """Close the task's MLflow run if it is still RUNNING. Raises if MLflow cannot be asked (tried again later)."""
+    """Close the task's MLflow run if it is still RUNNING; returns whether it was."""
     from slmb.core import tracking
 
     if tracking.end_run(task_id, terminal):
