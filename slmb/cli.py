@@ -207,7 +207,8 @@ def generate(model: str = typer.Argument(..., help="name of a completed model (s
 def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
           port: int = typer.Option(8000, help="HTTP port"),
           redis_url: str | None = typer.Option(None, "--redis-url", envvar="SLMB_REDIS_URL",
-                                               help="a running Redis; without one a private redis-server starts"),
+                                               help="a running Redis; without one a private redis-server starts, "
+                                                    "its data in $SLMB_HOME/redis"),
           workers: int = typer.Option(1, "--workers", min=0, help="worker processes to start (0: API only)"),
           worker_memory: str | None = typer.Option(
               None, "--worker-memory", envvar="SLMB_WORKER_MEMORY", metavar="SIZE",
@@ -218,7 +219,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
               help="the data root: HTTP callers may name files and folders under it as datasets (else named "
                    "datasets only)"),
           log_level: str = typer.Option("info", "--log-level")) -> None:
-    """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM."""
+    """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM.
+    The workers and Redis it starts are restarted when they exit."""
     import logging
     import os
 
