@@ -377,10 +377,43 @@ def test_sse_closes_with_a_retry_hint_and_a_warning_when_redis_stays_away(server
         end = messages[-1]
         assert end["id"] is None and end["retry"] == str(2000) and "Last-Event-ID " + ids[2] in end["data"]["message"]
         assert any("unreachable" in c for c in comments)
+        # Reconnecting while Redis is still away: 200 (an EventSource would give up for good on a 503) and wait.
+        monkeypatch.setenv("SLMB_REDIS_WAIT_S", "120")
+        comments.clear()
+        reader = threading.Thread(target=lambda: done.update(
+            resumed=sse_lines(client, f"/api/v1/events/{TASK}", ids[2], None, comments)[0]))
+        reader.start()
+        wait_until(lambda: any("unreachable" in c for c in comments), 60, "the reconnected client to wait")
         server.start()
-        rev.append_event(conn, finished())
-        resumed, _ = sse_lines(client, f"/api/v1/events/{TASK}", ids[2], None, comments)
-        assert [m["event"] for m in resumed] == ["connected", "finished"]
+        last = rev.append_event(conn, finished())
+        reader.join(120)
+        assert [(m["id"], m["event"]) for m in done["resumed"]] == [(ids[2], "connected"), (last, "finished")]
+
+
+def test_sse_keeps_its_client_through_a_redis_stall(server, monkeypatch):
+    """SIGSTOP: Redis accepts the connection but never answers; the route bounds its wait, keeps the client with
+    comments, and carries on from where it was after SIGCONT."""
+    monkeypatch.setenv("SLMB_REDIS_WAIT_S", "120")
+    conn = rev.connect(server.url())
+    new_task(conn)
+    first = rev.append_event(conn, step(0))
+    app = create_app(Settings(redis_url=server.url(socket_timeout=60), sse_keepalive_s=1))
+    with serve_in_thread(app) as base, httpx.Client(base_url=base) as client:
+        comments: list[str] = []
+        done: dict = {}
+        reader = threading.Thread(target=lambda: done.update(
+            messages=sse_lines(client, f"/api/v1/events/{TASK}", None, None, comments)[0]))
+        reader.start()
+        wait_until(lambda: any("keep-alive" in c for c in comments), 60, "the stream to go quiet")
+        server.pause()
+        try:
+            wait_until(lambda: any("unreachable" in c for c in comments), 60, "the route to notice the stall")
+        finally:
+            server.resume()
+        last = rev.append_event(conn, finished())
+        reader.join(120)
+    assert [(m["id"], m["event"]) for m in done["messages"]] == [("0-0", "connected"), (first, "step"),
+                                                                 (last, "finished")]
 
 
 def test_last_event_id_rules(server, monkeypatch):

@@ -114,13 +114,15 @@ async def events(task_id: str, request: Request,
                  last_event_id: str | None = Header(None, description="resume after this stream id")
                  ) -> StreamingResponse:
     r = request.app.state.aredis
-    try:
-        known = MODEL_NAME_RE.match(task_id) and await r.exists(rev.task_key(task_id))
-    except (redis.RedisError, OSError):
-        # Redis is away: answer 200 and wait for it in the stream, as a client already connected would (an
-        # EventSource gives up for good on an error status, but reconnects after a stream ends).
-        known = None
-    if known is not None and not known:
+    known: bool | None = False
+    if MODEL_NAME_RE.match(task_id):
+        try:
+            known = bool(await r.exists(rev.task_key(task_id)))
+        except (redis.RedisError, OSError):
+            # Redis is away: answer 200 and wait for it in the stream, as a client already connected would (an
+            # EventSource gives up for good on an error status, but reconnects after a stream ends).
+            known = None
+    if known is False:
         raise HTTPException(404, f"no task {json.dumps(task_id)[:80]}")
     after = (last_event_id or "").strip() or "0-0"
     if not STREAM_ID.match(after):
