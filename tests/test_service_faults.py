@@ -345,3 +345,29 @@ def test_reconcile_ends_lost_jobs_and_the_reaper_ends_started_jobs_of_dead_worke
     assert all(rev.fetch_job(redis_conn, t).get_status() == JobStatus.FAILED for t in orphans)  # not STARTED
     assert rev.terminal_event(redis_conn, queued) is None
     assert rev.fetch_job(redis_conn, queued).get_status() == JobStatus.QUEUED  # a worker will take it
+
+
+# ---------------------------------------------------------------------------------------------------- supervisor
+
+
+@pytest.mark.parametrize("runs_s, stable_s, backoffs", [(0, 30, [0.2, 0.4, 0.8, 0.8]), (1, 0.5, [0.2, 0.2, 0.2])])
+def test_the_supervisor_backs_off_doubling_to_a_cap_and_starts_over_after_a_stable_run(monkeypatch, runs_s,
+                                                                                      stable_s, backoffs):
+    from slmb.api.serve import Child, Supervisor
+
+    monkeypatch.setenv("SLMB_RESTART_BACKOFF_S", "0.2")
+    monkeypatch.setenv("SLMB_RESTART_BACKOFF_MAX_S", "0.8")
+    monkeypatch.setenv("SLMB_RESTART_STABLE_S", str(stable_s))
+    seen: list[float] = []
+    supervisor = Supervisor(interval_s=0.02)
+    child = supervisor.add(Child("quitter", lambda n: [sys.executable, "-c", f"import time; time.sleep({runs_s}); "
+                                                                              "raise SystemExit(3)"],
+                                 on_exit=lambda c: seen.append(c.backoff_s)))
+    supervisor.run_in_background()
+    wait_until(lambda: len(seen) >= len(backoffs), 120, "the child to exit often enough")
+    supervisor.stop()
+    assert seen[:len(backoffs)] == backoffs
+    assert child.last_exit == "exited with status 3" and child.restarts >= len(backoffs) - 1
+    restarts = child.restarts
+    time.sleep(1.5)
+    assert child.restarts == restarts  # stopped: no more restarts

@@ -313,7 +313,6 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
 
     supervisor = Supervisor()
     with contextlib.ExitStack() as stack:
-        stack.callback(supervisor.stop)
         if redis_url is None:
             redis_url = stack.enter_context(private_redis(supervisor))
         # Every process of the stack (and `slmb train --queue` run from this shell's children) finds Redis here.
