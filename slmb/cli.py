@@ -277,7 +277,12 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     quits at once. Exit code 0 finished, 1 invalid request (or one estimated not to fit in memory: see
     --max-memory) or failed, 2 unreadable file, 3 stopped.
     """
+    import os
     import signal
+
+    # MLflow prints "View run ... at: URL" to stdout when a run on a tracking server ends: that would break
+    # --json (nothing but events on stdout) and tear the live display. `slmb train` prints the link itself.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
     from slmb.core import events as ev
     from slmb.core.control import get_control
