@@ -423,7 +423,7 @@ def test_last_event_id_rules(server, monkeypatch):
     app = create_app(Settings(redis_url=server.url(), sse_keepalive_s=1))
     with serve_in_thread(app) as base, httpx.Client(base_url=base, timeout=30) as client:
         url = f"/api/v1/events/{TASK}"
-        for bad in ("abc", "12", "1-2-3", "-1-0", "1700000000000-0; drop", "9" * 21 + "-0"):
+        for bad in ("abc", "12", "1-2-3", "-1-0", "1700000000000-0; drop", "9" * 21 + "-0", f"{2**64}-0"):
             resp = client.get(url, headers={"Last-Event-ID": bad})
             assert resp.status_code == 400, (bad, resp.text)
             assert "Last-Event-ID" in resp.json()["detail"] and bad[:20] in resp.json()["detail"]

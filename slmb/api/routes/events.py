@@ -125,7 +125,7 @@ async def events(task_id: str, request: Request,
     if known is False:
         raise HTTPException(404, f"no task {json.dumps(task_id)[:80]}")
     after = (last_event_id or "").strip() or "0-0"
-    if not STREAM_ID.match(after):
+    if not STREAM_ID.match(after) or max(_id(after)) >= 2**64:  # Redis ids are two unsigned 64-bit numbers
         raise HTTPException(400, f"Last-Event-ID must be an event id of this stream, like 1700000000000-0 (the "
                                  f"id: line of a message), got {json.dumps(after)[:80]}")
     return StreamingResponse(follow(r, task_id, after, request.app.state.settings.sse_keepalive_s,
