@@ -29,6 +29,7 @@ lint: setup
 test: setup
 	bash scripts/system-deps.sh
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/ruff check slmb tests bench
+	@echo "test data (tokenizers, datasets, requests) from SLMB_SHARED_DIR=$(SLMB_SHARED_DIR)"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/pytest -q
 
 # Every benchmark in one command (fresh processes, alternated, medians); results as in docs/benchmarks.md.

@@ -11,6 +11,27 @@ def shared_dir() -> Path:
     return Path(os.environ.get("SLMB_SHARED_DIR", REPO.parent / "shared")).resolve()
 
 
+# What the suite reads from the shared data: the front end's reference requests, tiny_shakespeare and the Llama
+# and Qwen tokenizer files. None of it is in the repository, and nothing is downloaded.
+SHARED_NEEDS = ("requests/gpt2-reference.json", "datasets/tiny_shakespeare/input.txt", "tokenizers/llama2",
+                "tokenizers/llama3", "tokenizers/qwen")
+
+
+def pytest_report_header(config) -> str:
+    return f"shared test data: {shared_dir()} (SLMB_SHARED_DIR)"
+
+
+def pytest_sessionstart(session) -> None:
+    """Stop at once, saying where the data was looked for, rather than fail hundreds of tests one by one."""
+    path = shared_dir()
+    missing = [need for need in SHARED_NEEDS if not (path / need).exists()]
+    if missing:
+        where = "$SLMB_SHARED_DIR" if "SLMB_SHARED_DIR" in os.environ else f"{REPO.parent / 'shared'} (the default)"
+        pytest.exit(f"the tests need the project's shared data (tokenizers, datasets, requests), looked for at "
+                    f"{path} from {where}; missing: {', '.join(missing)}. Set SLMB_SHARED_DIR to the folder "
+                    "that holds them (`make test` sets it to ../shared).", returncode=pytest.ExitCode.USAGE_ERROR)
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     path = shared_dir()
