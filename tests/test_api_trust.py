@@ -449,3 +449,10 @@ def test_schemathesis_finds_no_server_error(service, monkeypatch):
     assert len(calls) >= 100 and len({label for label, _ in calls}) >= 7, calls
     assert not failures, failures
     assert time.monotonic() - started < 300
+
+
+def test_the_data_root_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLMB_DATA_DIR", str(tmp_path))
+    assert Settings.from_env().data_dir == tmp_path
+    monkeypatch.delenv("SLMB_DATA_DIR")
+    assert Settings.from_env().data_dir is None
