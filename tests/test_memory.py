@@ -303,3 +303,15 @@ def test_http_answers_422_before_queueing(service, monkeypatch):
             assert error["expected"] == "<= 64.0 GiB" and "GiB" in error["found"]
             assert "batch_size" in error["hint"] and "more memory" in error["hint"]
     assert state() == before  # nothing queued, no run recorded, no MLflow run
+
+
+def test_service_setting(monkeypatch):
+    from slmb.api.app import Settings
+
+    monkeypatch.delenv("SLMB_WORKER_MEMORY", raising=False)
+    assert Settings.from_env().worker_memory_bytes is None  # the machine's, judged per request's device
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", "16GiB")
+    assert Settings.from_env().worker_memory_bytes == 16 << 30
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", "plenty")
+    with pytest.raises(ValueError, match="not a memory size: 'plenty'"):
+        Settings.from_env()
