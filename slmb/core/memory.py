@@ -55,6 +55,11 @@ class MemoryEstimate:
     def peak(self) -> int:
         return sum(self.terms.values())
 
+    @property
+    def per_parameter(self) -> int:
+        """Weights, gradients, AdamW states and the best-weights copy: what only a smaller model reduces."""
+        return sum(self.terms[k] for k in ("weights", "gradients", "adamw_states", "best_weights"))
+
     def breakdown(self) -> str:
         return ", ".join(f"{name.replace('_', ' ')} {human_bytes(n)}" for name, n in self.terms.items() if n)
 
@@ -163,8 +168,9 @@ def estimate(p: Plan, parameters: int, matrix_parameters: int, device: str | Non
     saved = [acts.saved(n) for n in trunk]
     # While a node's backward runs, its input gradients and temporaries take about what it saved.
     activations = sum(saved) + max(saved, default=0)
-    loss = _loss_head(head, N, kind, low, bool(cfg.compile), tied=bool(head and head.args["weight_tying"]))
-    if head is None:  # full logits and F.cross_entropy: logits, their fp32 copy, log-softmax, its gradient
+    if head is not None:
+        loss = _loss_head(head, N, kind, low, bool(cfg.compile), tied=head.args["weight_tying"])
+    else:  # no linear head: full logits and F.cross_entropy (logits, their fp32 copy, log-softmax, its gradient)
         loss = N * (p.vocab_size or 0) * (acts.s + 12)
     casts = 2 * matrix_parameters if low else 0
     training = activations + loss + casts
@@ -181,7 +187,7 @@ def estimate(p: Plan, parameters: int, matrix_parameters: int, device: str | Non
 
 
 def check(est: MemoryEstimate, limit: int, source: str) -> str | None:
-    """None when ``est`` fits in ``limit``; else the message that says so, and what to change (hint)."""
+    """None when ``est`` fits in ``limit``; else the message that says so (``hint`` says what to change)."""
     if est.peak <= limit:
         return None
     return (f"training needs about {human_bytes(est.peak)} of {'GPU' if est.device == 'cuda' else 'RAM'} at its "
@@ -189,13 +195,11 @@ def check(est: MemoryEstimate, limit: int, source: str) -> str | None:
 
 
 def hint(est: MemoryEstimate) -> str:
-    t = est.terms
-    states = t["weights"] + t["gradients"] + t["adamw_states"] + t["best_weights"]
     batch = ("lower batch_size (grad_accum_steps keeps the effective batch) or context_length"
              + ("" if est.dtype != "fp32" else ", train in bf16 where the device supports it"))
     model = ("use fewer or narrower blocks, a smaller embedding width or vocabulary (4 bytes x 4 per parameter "
              "for weights, gradients and AdamW)")
-    first, second = (model, batch) if states >= est.training_pass else (batch, model)
+    first, second = (model, batch) if est.per_parameter >= est.training_pass else (batch, model)
     return f"{first}; or {second}; or train on a machine with more memory (SLMB_WORKER_MEMORY sets the limit)"
 
 
@@ -274,7 +278,7 @@ class _Activations:
 def _loss_head(head: PlanNode | None, N: int, kind: str, low: bool, compiled: bool, tied: bool,
                grad: bool = True) -> int:
     """SLM.loss with a linear head of (V, E): chunked cross-entropy, or full logits on CUDA when small."""
-    if head is None:
+    if head is None:  # the logits are the last node's output, counted with the activations
         return 0
     E, V = head.in_width or 0, head.args["out_dim"] or 0
     s = 2 if low else 4

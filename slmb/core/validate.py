@@ -139,8 +139,7 @@ def admission(summary: Summary, limit: int | None = None) -> list[Issue]:
     message = memory.check(est, limit, source)
     if message is None:
         return []
-    states = est.terms["weights"] + est.terms["gradients"] + est.terms["adamw_states"]
-    return [Issue("/model" if states >= est.training_pass else "/config/batch_size", message,
+    return [Issue("/model" if est.per_parameter >= est.training_pass else "/config/batch_size", message,
                   expected=f"<= {memory.human_bytes(limit)}", found=memory.human_bytes(est.peak),
                   hint=memory.hint(est), check="memory")]
 
