@@ -16,6 +16,7 @@ the files are opened. The CLI trusts its user and goes through none of this.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -87,31 +88,37 @@ def request_issues(request: Any, data_root: Path | None) -> list[Any]:
 # ---------------------------------------------------------------------------------------------------- redaction
 
 
-def _cwd() -> Path:
+def _cwd() -> str:
     try:
-        return Path.cwd()
+        return os.getcwd()
     except OSError:  # the working directory was removed
-        return Path("/")
+        return "/"
 
 
-def _roots(data_dir: Path | None) -> list[tuple[str, str]]:
-    """(absolute path, placeholder) for every root this process knows, deepest first so nested roots (a home
-    inside a temp dir inside the user's home) take the most specific name. Both spellings of a root that is
-    reached through a link are listed."""
+def _roots() -> tuple[re.Pattern[str], dict[str, str]]:
+    """A pattern matching every root this process knows, and each root's placeholder."""
+    env = os.environ
+    return _compile(*(env.get(k) for k in ("SLMB_HOME", "SLMB_DATA_DIR", "SLMB_TOKENIZER_DIR", "HOME")), _cwd())
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(*key: str | None) -> tuple[re.Pattern[str], dict[str, str]]:
     from slmb.core.store import slmb_home
 
-    env = os.environ
+    _, data_dir, tokenizer_dir, _, cwd = key
     named = [(slmb_home(), "$SLMB_HOME"), (Path.home(), "~"), (Path(tempfile.gettempdir()), "$TMPDIR"),
-             (_cwd(), "$CWD")]
-    named += [(Path(env[k]).expanduser(), f"${k}") for k in ("SLMB_DATA_DIR", "SLMB_TOKENIZER_DIR") if env.get(k)]
-    if data_dir is not None:
-        named.append((Path(data_dir), "$SLMB_DATA_DIR"))
-    pairs = {}
+             (Path(cwd), "$CWD")]
+    named += [(Path(d).expanduser(), name) for d, name in ((data_dir, "$SLMB_DATA_DIR"),
+                                                           (tokenizer_dir, "$SLMB_TOKENIZER_DIR")) if d]
+    # Both spellings of a root reached through a link; the deepest first, so nested roots (a home inside a temp
+    # dir inside the user's home) take the most specific name; a root matches only whole path parts.
+    names: dict[str, str] = {}
     for path, name in named:
         for form in (str(path.absolute()), str(path.resolve())):
             if form != "/":
-                pairs.setdefault(form.rstrip("/"), name)
-    return sorted(pairs.items(), key=lambda p: -len(p[0]))
+                names.setdefault(form.rstrip("/"), name)
+    roots = sorted(names, key=len, reverse=True)
+    return re.compile("|".join(f"{re.escape(root)}(?![\\w.-])" for root in roots)), names
 
 
 def _map_strings(value: Any, fn: Any) -> Any:
@@ -124,12 +131,10 @@ def _map_strings(value: Any, fn: Any) -> Any:
     return value
 
 
-def redact(value: Any, data_dir: Path | None = None) -> Any:
+def redact(value: Any) -> Any:
     """``value`` (a string, or JSON-like data) with every known root replaced by its placeholder:
     ``/srv/slmb-home/runs/x`` -> ``$SLMB_HOME/runs/x``."""
-    roots = _roots(data_dir)
-    names = dict(roots)
-    pattern = re.compile("|".join(f"{re.escape(root)}(?![\\w.-])" for root, _ in roots))
+    pattern, names = _roots()
     return _map_strings(value, lambda text: pattern.sub(lambda m: names[m.group(0)], text))
 
 
