@@ -58,6 +58,7 @@ def data_root(tmp_path) -> Path:
     (root / "mixed").mkdir()
     (root / "mixed" / "fine.txt").write_text("fine " * 100)
     (root / "mixed" / "hidden.txt").symlink_to(secret)
+    (root / "loop").symlink_to(root / "loop")
     return root
 
 
@@ -85,7 +86,7 @@ def cancel_idle_tasks(service) -> None:
 
 OUTSIDE = ["../../../../etc", "/etc", "/etc/hostname", "/no/such/dir", "~", "~/.bashrc", "../secret.txt",
            "books/../../secret.txt", "escape", "escape/secret.txt", "leak.txt", "mixed", "./../data/notes.txt",
-           "/" + "a" * 300, "books/\0one.txt"]
+           "/" + "a" * 300, "a" * 300, "books/\0one.txt", "loop", "loop/x.txt"]
 
 
 def test_a_dataset_outside_the_data_root_is_a_422_that_reveals_nothing(app_client, data_root, service):

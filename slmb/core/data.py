@@ -111,10 +111,14 @@ def path_in_root(dataset: str, root: Path) -> Path | None:
     if not dataset or len(dataset) > 1024 or "\0" in dataset or dataset.startswith("~"):
         return None
     rel = Path(dataset)
-    if rel.is_absolute() or ".." in rel.parts:
+    if rel.is_absolute() or ".." in rel.parts or any(len(part) > 255 for part in rel.parts):
         return None
-    root = root.resolve()
-    path = (root / rel).resolve()
+    try:
+        root = root.resolve()
+        path = (root / rel).resolve()
+        path.exists()  # a link loop or an unreadable folder on the way raises here, not later
+    except (OSError, RuntimeError):  # RuntimeError: a link loop, on Python < 3.13
+        return None
     return path if path == root or path.is_relative_to(root) else None
 
 
