@@ -23,6 +23,9 @@ from service_fixtures import log_tail, wait_until  # noqa: E402
 from slmb.api.serve import free_port  # noqa: E402
 
 SLMB = [sys.executable, "-m", "slmb"]
+# slmb gives a tracking server 5 s per request (a server that is down must cost seconds); one server worker on a
+# busy test machine can take longer than that.
+SLOW_SERVER = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +63,21 @@ def mlflow_server(tmp_path_factory):
             proc.wait()
 
 
+@pytest.fixture(autouse=True)
+def _patient_client(monkeypatch):
+    for key, value in SLOW_SERVER.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture(scope="module")
 def trained(mlflow_server, tmp_path_factory):
     """A toy model trained by `slmb train` with MLFLOW_TRACKING_URI set to the server."""
     from conftest import shared_dir
 
     home = tmp_path_factory.mktemp("home-train")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLMB_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server,
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "SLMB_DATA_DIR": str(shared_dir() / "datasets")}
+    env = {**os.environ, **SLOW_SERVER, "OMP_NUM_THREADS": "1", "SLMB_HOME": str(home),
+           "MLFLOW_TRACKING_URI": mlflow_server, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "SLMB_DATA_DIR": str(shared_dir() / "datasets")}
     request = toy_request(name="tracked", max_steps=6, eval_every=3)
     path = home / "request.json"
     path.write_text(json.dumps(request))

@@ -135,14 +135,17 @@ def test_stream_trimmed_to_maxlen_and_ended_task_expires(stack):
         task_id = client.post("/api/v1/train-complete-model", json=body).json()["task_id"]
         assert wait_terminal(conn, task_id) == "finished", log_tail(stack.tmp / "queue-worker.log")
         node = int(conn.config_get("stream-node-max-entries")["stream-node-max-entries"])
-        kept = conn.xlen(rev.events_key(task_id))
-        assert kept <= MAXLEN + node < steps, kept  # at least `steps` eval events were appended
+        info = conn.xinfo_stream(rev.events_key(task_id))
+        kept = info["length"]
+        assert info["entries-added"] > steps  # one eval event per step
+        assert kept <= MAXLEN + node < steps, kept
 
-        # The stream holds the newest events; a late SSE client replays what is left, ending with `finished`.
+        # The stream holds the newest events; a late SSE client is told, then replays what is left.
         late = events_of(read_sse(client, f"/api/v1/events/{task_id}", timeout=30))
         names = [m["event"] for m in late]
-        assert names[0] == "connected" and names[-1] == "finished" and "queued" not in names
-        assert len(late) == kept + 1 and late[-1]["data"]["step"] == steps
+        assert names[:2] == ["connected", "warning"] and "SLMB_STREAM_MAXLEN" in late[1]["data"]["message"]
+        assert names[-1] == "finished" and "queued" not in names
+        assert len(late) == kept + 2 and late[-1]["data"]["step"] == steps
 
     keys = [k for k in rev.task_keys(task_id) if conn.exists(k)]
     assert rev.events_key(task_id) in keys and rev.task_key(task_id) in keys and rev.request_key(task_id) in keys
@@ -162,19 +165,17 @@ def test_job_timeout_fails_the_run_with_an_error_event(stack, tmp_path):
     path = tmp_path / "endless.json"
     path.write_text(json.dumps(tiny_request("timed-out", max_steps=100_000)))
     env = {**stack.env, "SLMB_JOB_TIMEOUT_S": "4", "SLMB_HOME": str(tmp_path / "home-cli")}
-    t0 = time.monotonic()
     done = subprocess.run([*SLMB, "train", str(path), "--queue", "--json"], env=env, capture_output=True, text=True,
-                          timeout=240)
-    took = time.monotonic() - t0
+                          timeout=300)
     assert done.returncode == 1, (done.stdout[-2000:], done.stderr)
     events = [json.loads(line) for line in done.stdout.splitlines()]
     names = [e["event"] for e in events]
-    assert "step" in names and names[-1] == "error", names
+    assert names[0] == "queued" and names[-1] == "error", names
     error = events[-1]["data"]
-    assert error["type"] == "JobTimeoutException" and "4" in error["message"], error
-    task_id = events[-1]["data"]["task_id"]
+    assert error["type"] == "JobTimeoutException" and "(4 seconds)" in error["message"], error
+    assert error["ts"] - events[0]["data"]["ts"] >= 4
+    task_id = error["task_id"]
     assert Job.fetch(task_id, connection=conn, serializer=JSONSerializer).get_status().value == "failed"
     assert rev.celery_state(conn, task_id) == "FAILURE"
-    assert took < 120
     # The worker survives and is free for the next job.
     wait_until(lambda: not conn.smembers(rev.RUNNING), 30, "no task left running")
