@@ -29,7 +29,7 @@ import pytest
 import redis
 
 pytest.register_assert_rewrite("service_fixtures")
-from service_fixtures import serve_in_thread, tiny_request, wait_until  # noqa: E402
+from service_fixtures import log_tail, serve_in_thread, tiny_request, wait_until  # noqa: E402
 
 from slmb.api import redis_events as rev  # noqa: E402
 from slmb.api.app import Settings, create_app  # noqa: E402
@@ -49,6 +49,7 @@ class RedisServer:
         self.socket = Path(tempfile.mkdtemp(prefix="slmb-redis-")) / "s"  # short: a socket path has ~107 bytes
         self.argv = [exe, "--port", "0", "--unixsocket", str(self.socket), "--save", "", "--daemonize", "no",
                      "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
+        self.log = workdir / "redis.log"
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -56,17 +57,18 @@ class RedisServer:
         return f"unix://{self.socket}?db=0&socket_timeout={socket_timeout}&socket_connect_timeout=2"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
         probe = redis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=0.5, socket_timeout=2)
 
         def up() -> bool:
-            assert self.proc.poll() is None, "redis-server exited"
+            assert self.proc.poll() is None, f"redis-server exited\n{log_tail(self.log)}"
             try:
                 return bool(probe.ping())
             except redis.RedisError:
                 return False
 
-        wait_until(up, 30, "redis-server to accept connections")
+        wait_until(up, 60, f"redis-server to accept connections\n{log_tail(self.log)}")
         probe.close()
 
     def kill(self) -> None:
