@@ -238,41 +238,39 @@ def test_a_stalled_redis_neither_kills_the_worker_nor_its_run(served):
     train_and_finish(served, "faults-after-stall")
 
 
-def test_a_run_queued_when_serve_stops_runs_when_it_starts_again(tmp_path):
-    service = Serve(tmp_path, serve_env(tmp_path))
-    try:
-        service.start(workers=0)
-        answer = service.submit(tiny_request("faults-queued-across-restart"))
-        assert answer["workers_alive"] == 0
-        assert any(w["check"] == "workers" and "stays queued" in w["message"] for w in answer["warnings"])
-        url = service.redis_url
-        second = subprocess.run([sys.executable, "-m", "slmb", "serve", "--port", str(free_port()), "--workers", "0"],
-                                env=service.env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert second.returncode != 0 and "another slmb serve is using the Redis data" in second.stderr
-        service.stop()
-        assert service.proc.returncode == 0, service.log()
-
-        service.start(workers=1)
-        assert service.redis_url == url  # the same port again, while it is free
-        assert terminal_of(service.events(answer["task_id"]))["event"] == "finished", service.log()
-        run = service.mlflow_runs()[answer["task_id"]]
-        assert run.info.status == "FINISHED"
-        assert service.submit(tiny_request("faults-with-a-worker"))["workers_alive"] == 1
-    finally:
-        service.stop()
-
-
-def test_stopping_serve_stops_its_restarted_children_in_order(served):
-    """Runs last on the module's service: its worker and Redis have been restarted by the supervisor, and
-    SIGTERM still lets the run on that worker stop cooperatively (it checkpoints) before Redis goes."""
+def test_runs_queued_or_running_when_serve_stops_are_not_lost(served):
+    """Runs last on the module's service, whose worker and Redis the supervisor has restarted: SIGTERM still
+    lets the run on that worker stop cooperatively (it checkpoints) before Redis goes; a run queued then, and
+    one queued while no worker is alive (with a warning), run when `slmb serve` is back with a worker."""
     assert served.process("worker-0")["restarts"] >= 1 and served.process("redis")["restarts"] >= 1
-    task_id = served.submit(tiny_request("faults-serve-stopped", max_steps=LONG))["task_id"]
-    served.events(task_id, until="step")
+    url = served.redis_url
+    running = served.submit(tiny_request("faults-serve-stopped", max_steps=LONG))["task_id"]
+    served.events(running, until="step")
+    answer = served.submit(tiny_request("faults-queued-across-restart"))
+    assert answer["workers_alive"] == 1 and not any(w["check"] == "workers" for w in answer["warnings"])
     served.stop()
     assert served.proc.returncode == 0, served.log()
-    log = Path(served.env["SLMB_HOME"]) / "runs" / task_id / "events.jsonl"
+    log = Path(served.env["SLMB_HOME"]) / "runs" / running / "events.jsonl"
     last = json.loads(log.read_text().splitlines()[-1])
     assert last["event"] == "stopped" and last["data"]["reason"] == "requested", last
+
+    served.start(workers=0)
+    assert served.redis_url == url  # the same port again, while it is free
+    late = served.submit(tiny_request("faults-queued-without-worker"))
+    assert late["workers_alive"] == 0
+    assert any(w["check"] == "workers" and "stays queued" in w["message"] for w in late["warnings"])
+    second = subprocess.run([sys.executable, "-m", "slmb", "serve", "--port", str(free_port()), "--workers", "0"],
+                            env=served.env, cwd=served.tmp, capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "another slmb serve is using the Redis data" in second.stderr
+    served.stop()
+
+    served.start(workers=1)
+    for task_id in (answer["task_id"], late["task_id"]):
+        assert terminal_of(served.events(task_id))["event"] == "finished", served.log()
+    runs = served.mlflow_runs()
+    assert [runs[t].info.status for t in (running, answer["task_id"], late["task_id"])] == [
+        "KILLED", "FINISHED", "FINISHED"]
+    assert_no_running_run_of_an_ended_task(served)
 
 
 # ---------------------------------------------------------------------------------------------------- reconcile

@@ -195,6 +195,8 @@ def _port_of_last_run(url_file: Any) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         port = int(url_file.read_text().strip().rsplit(":", 1)[1].split("/")[0])
         with socket.socket() as s:
+            # As redis-server binds: the last run's connections may linger in TIME_WAIT on the port.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
         return port
     return None
