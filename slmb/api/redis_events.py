@@ -3,12 +3,14 @@
 Keys of one task::
 
     slmb:task:<id>            hash: model_name, queue, created, ``terminal`` once the run has ended, and
-                              ``writer``/``seq``: the trainer's sink and the last event it numbered
+                              ``writer``/``seq``: the trainer's sink and the last event it numbered, and
+                              ``mlflow_checked`` once reconcile has seen the ended run's MLflow run closed
     slmb:task:<id>:events     stream: one entry per event, fields ``event`` (the name) and ``json`` (the wire form)
     slmb:task:<id>:status     hash: the run status (``Control.write_status``), each field a JSON value
     slmb:task:<id>:request    the request JSON as sent
     slmb:task:<id>:stop       the stop flag, ``{"force": bool, "ts": float}``
     slmb:task:<id>:alive      the trainer's heartbeat: a key with a short TTL that the training process renews
+    slmb:task:<id>:grace      the reaper's note that it gave a lapsed heartbeat one more period (worker.py)
     slmb:running              the tasks whose trainer has started and not yet ended
 
 Events live in a stream, not pub/sub, so a client that connects late or reconnects with ``Last-Event-ID``
