@@ -135,5 +135,9 @@ def test_api_lists_and_serves_the_model_from_the_server(mlflow_server, trained, 
         assert resp.json()["output_text"].startswith("ROMEO:")
         models = {m["model_name"]: m for m in client.get("/api/v1/completed-models").json()["models"]}
         assert models["tracked"]["source"] == "local"
-    fetched = tmp_path / "home-api" / "completed" / "tracked" / "model.safetensors"
-    assert fetched.read_bytes() == (trained["model"] / "model.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    fetched = load_file(tmp_path / "home-api" / "completed" / "tracked" / "model.safetensors")
+    trained_weights = load_file(trained["model"] / "model.safetensors")
+    assert fetched.keys() == trained_weights.keys()
+    assert all(fetched[k].equal(trained_weights[k]) for k in fetched)
