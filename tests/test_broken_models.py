@@ -119,6 +119,29 @@ def test_http_lists_broken_models_and_answers_409_naming_model_and_reason(api):
     assert generate(api, "no-such-model").status_code == 404
 
 
+def test_a_model_whose_tokenizer_is_not_on_the_server_is_a_409_without_paths(api, monkeypatch, tmp_path):
+    weights = build_model(TrainRequest.model_validate(toy_request(d=32)))
+    store.save_completed("needs-llama2", toy_request(name="needs-llama2", d=32), weights.state_dict(),
+                         {"tokenizer": "llama2", "parameters": weights.num_parameters()})
+    monkeypatch.setenv("SLMB_TOKENIZER_DIR", str(tmp_path / "no-tokenizers"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the user cache is searched too
+    for stream in (False, True):
+        resp = generate(api, "needs-llama2", stream)
+        assert resp.status_code == 409, resp.text
+        assert resp.json()["detail"] == ("model 'needs-llama2' cannot be used here: its tokenizer's files are not "
+                                         "on this server")
+        assert str(tmp_path) not in resp.text
+
+
+def test_a_seed_out_of_torchs_range_is_refused():
+    from slmb.core.generate import SamplingParams
+
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+    for seed in (2**64, 2**70, -1):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed)
+
+
 def test_a_cached_model_whose_files_turn_to_junk_is_refused_not_served_from_memory(api):
     path = save_model("m")
     assert generate(api, "m").status_code == 200  # now in the cache

@@ -35,7 +35,7 @@ class SamplingParams(BaseModel):
     top_k: int | None = Field(default=40, ge=0)  # 0 or None = off
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)  # None or 1 = off
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)  # torch.manual_seed's range
     stop: list[str] = Field(default_factory=list)
     stop_at_eos: bool = True
 

@@ -16,6 +16,7 @@ from slmb.api.trust import check_name, check_text
 from slmb.core.generate import Generation, Generator, SamplingParams
 from slmb.core.spec import MAX_VOCAB
 from slmb.core.store import BrokenModelError, StoreError
+from slmb.core.tokenizers import TokenizerNotFoundError
 
 log = logging.getLogger("slmb.api")
 router = APIRouter(tags=["generation"])
@@ -83,6 +84,10 @@ async def _generator(request: Request, name: str) -> Generator:
         raise HTTPException(409, str(exc)) from None
     except StoreError:
         raise HTTPException(404, f"no completed model named {name!r}") from None
+    except TokenizerNotFoundError as exc:  # the message lists server paths: the log has it, the client not
+        log.error("model %s: %s", name, exc)
+        raise HTTPException(409, f"model {name!r} cannot be used here: its tokenizer's files are not on this "
+                                 "server") from None
 
 
 @router.post("/generate-text", summary="Generate text with a completed model (output includes the prompt)",
