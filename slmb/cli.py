@@ -210,14 +210,14 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
                                                help="a running Redis; without one a private redis-server starts, "
                                                     "its data in $SLMB_HOME/redis"),
           workers: int = typer.Option(1, "--workers", min=0, help="worker processes to start (0: API only)"),
-          worker_memory: str | None = typer.Option(
-              None, "--worker-memory", envvar="SLMB_WORKER_MEMORY", metavar="SIZE",
-              help="memory a training may use, e.g. 16GiB: larger requests get a 422 (default: this machine's RAM "
-                   "less a reserve, or the GPU's memory)"),
           data_dir: Path | None = typer.Option(
               None, "--data-dir", envvar="SLMB_DATA_DIR", file_okay=False, exists=True,
               help="the data root: HTTP callers may name files and folders under it as datasets (else named "
                    "datasets only)"),
+          worker_memory: str | None = typer.Option(
+              None, "--worker-memory", envvar="SLMB_WORKER_MEMORY", metavar="SIZE",
+              help="memory a training may use, e.g. 16GiB: larger requests get a 422 (default: this machine's RAM "
+                   "less a reserve, or the GPU's memory)"),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM.
     The workers and Redis it starts are restarted when they exit."""
@@ -440,6 +440,8 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
                     typer.echo(json.dumps(wire, separators=(",", ":")))
             except KeyboardInterrupt:
                 raise typer.Exit(130) from None
+            except rev.EventsUnavailable as exc:
+                _fail(str(exc), EXIT_UNREADABLE)
             return
     try:
         run = run_dir(task_id)
@@ -537,6 +539,8 @@ def _train_queued(body: Any, overrides: dict[str, Any], sink: Any) -> None:
         terminal = rev.follow_into(conn, task_id, sink, idle=lambda: reap_dead_tasks(conn))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except rev.EventsUnavailable as exc:  # the run goes on in its worker; only following it failed
+        _fail(f"{exc}\nthe task goes on: follow it later with `slmb events {task_id} --follow`", EXIT_UNREADABLE)
     finally:
         signal.signal(signal.SIGINT, previous)
         sink.close()

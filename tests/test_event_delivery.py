@@ -357,6 +357,21 @@ def test_sse_and_cli_followers_see_every_event_once_across_a_redis_restart_and_r
     assert len(reconnects) > 5 and sse_seen[-1]["event"] == "finished"
 
 
+def test_slmb_events_follow_ends_with_a_clear_error_when_redis_stays_away(server):
+    conn = rev.connect(server.url())
+    new_task(conn)
+    rev.append_event(conn, ev.Queued(task_id=TASK))
+    env = {**os.environ, "SLMB_REDIS_URL": server.url(), "SLMB_REDIS_WAIT_S": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "slmb", "events", TASK, "--follow"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline())["event"] == "queued"  # following, live
+    server.kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.startswith("error: Redis has been unreachable for 2 s (SLMB_REDIS_WAIT_S)"), err
+    assert "Traceback" not in err and out == ""
+
+
 def test_sse_closes_with_a_retry_hint_and_a_warning_when_redis_stays_away(server, monkeypatch):
     monkeypatch.setenv("SLMB_REDIS_WAIT_S", "2")
     conn = rev.connect(server.url())
