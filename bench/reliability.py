@@ -449,6 +449,17 @@ def finishes(serve: Serve, name: str, c: Case) -> None:
             f"{name}: ended with {[m['event'] for m in events][-3:]}")
 
 
+def mlflow_runs(serve: Serve) -> list[Any]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{serve.tmp / 'home' / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("slmb").experiment_id], max_results=1000)
+
+
+def mlflow_status(serve: Serve, model_name: str) -> str | None:
+    return next((r.info.status for r in mlflow_runs(serve) if r.data.tags.get("model_name") == model_name), None)
+
+
 def faults(serve: Serve, stall_s: float, rng: random.Random) -> None:
     c = case("fault", "SIGKILL the idle worker: replaced, next run finishes")
 
@@ -470,6 +481,9 @@ def faults(serve: Serve, stall_s: float, rng: random.Random) -> None:
         events = serve.follow(task_id)
         c.check(events[-1]["event"] == "error" and one_terminal(events) is None,
                 f"ended with {[m['event'] for m in events][-3:]}")
+        status = wait_until(lambda: (s := mlflow_status(serve, "rel-busy-kill")) != "RUNNING" and s, 60,
+                            "the MLflow run to be closed")
+        c.check(status == "FAILED", f"MLflow run {status}")
         serve.wait_healthy(120)
         finishes(serve, "rel-after-busy-kill", c)
 
@@ -540,18 +554,10 @@ def faults(serve: Serve, stall_s: float, rng: random.Random) -> None:
     c = case("fault", "no MLflow run of an ended task is RUNNING")
 
     def mlflow_states(c: Case) -> None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(f"sqlite:///{serve.tmp / 'home' / 'mlflow.db'}")
-        exp = client.get_experiment_by_name("slmb")
-
-        def settled() -> list:
-            runs = client.search_runs([exp.experiment_id], max_results=1000)
-            return [] if any(r.info.status == "RUNNING" for r in runs) else runs
-
-        with contextlib.suppress(TimeoutError):
-            wait_until(settled, 60, "MLflow runs to settle", interval=1)
-        for run in client.search_runs([exp.experiment_id], max_results=1000):
+        with contextlib.suppress(TimeoutError):  # reconciliation may still be closing the last ones
+            wait_until(lambda: not any(r.info.status == "RUNNING" for r in mlflow_runs(serve)), 60,
+                       "MLflow runs to settle", interval=1)
+        for run in mlflow_runs(serve):
             c.check(run.info.status != "RUNNING", f"{run.data.tags.get('model_name')}: RUNNING")
 
     run_case(c, mlflow_states)
