@@ -221,12 +221,12 @@ def test_stop_while_queued_then_cooperative_stop(service):
             readers = [s.__enter__().iter_lines() for s in streams]  # (a dropped iterator closes its response)
             for lines in readers:
                 assert next(lines).startswith("id: 0-0")
-                wait_until(lambda lines=lines: next(lines).startswith(": keep-alive"), 10, "a keep-alive")
+                wait_until(lambda lines=lines: next(lines).startswith(": keep-alive"), 60, "a keep-alive")
             # (each client leaves XREAD for a moment every second to send its keep-alive)
-            wait_until(lambda: _blocked_clients(conn) >= baseline + 5, 10, "5 clients blocked in XREAD")
+            wait_until(lambda: _blocked_clients(conn) >= baseline + 5, 60, "5 clients blocked in XREAD")
             for s in streams:
                 s.__exit__(None, None, None)
-        wait_until(lambda: _blocked_clients(conn) <= baseline, 10, "the SSE connections to Redis to close")
+        wait_until(lambda: _blocked_clients(conn) <= baseline, 60, "the SSE connections to Redis to close")
 
         stop = client.post("/api/v1/stop-training", json={"task_id": queued, "force_kill": False})
         assert stop.status_code == 200
