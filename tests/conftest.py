@@ -41,7 +41,18 @@ def shared() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
+def _restored_environ():
+    """The environment as it was before each test: CLI commands run in-process (CliRunner) put their options in
+    os.environ for the processes they start (``--max-memory``, ``serve --data-dir``), and monkeypatch only undoes
+    what it set itself. A leaked SLMB_WORKER_MEMORY of 500 MiB once refused every later training."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(_restored_environ, tmp_path, monkeypatch):
     """Every test gets its own SLMB_HOME so runs and models never leak between tests."""
     monkeypatch.setenv("SLMB_HOME", str(tmp_path / "slmb-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
