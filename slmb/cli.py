@@ -425,10 +425,11 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
            follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the run ends")
            ) -> None:
     """Print a run's events, one JSON object per line ({"event": ..., "data": {...}})."""
+    from slmb.core.control import service_of
     from slmb.core.events import follow_events, read_events
     from slmb.core.store import StoreError, run_dir
 
-    conn = _service_redis()
+    conn = _service_redis() or _recorded_redis(task_id)
     if conn is not None:
         from slmb.api import redis_events as rev
 
@@ -449,6 +450,10 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
         _fail(str(exc), EXIT_INVALID)
     if not run.exists():
         _fail(f"no run {task_id!r} in {run.path.parent}", EXIT_INVALID)
+    service = service_of(run)
+    if service is not None and not run.events.exists():  # a worker elsewhere wrote them: they are in Redis only
+        _fail(f"task {task_id} ran on the HTTP service; its events are in its Redis ({service.get('redis_url')}), "
+              "which does not answer or no longer holds it: set SLMB_REDIS_URL to the service's Redis", EXIT_INVALID)
     try:
         for event in follow_events(run.events) if follow else read_events(run.events):
             typer.echo(event.to_json())
@@ -475,6 +480,27 @@ def _service_redis() -> Any:
         conn.ping()
     except redis.RedisError as exc:
         _fail(f"cannot reach the service's Redis at $SLMB_REDIS_URL={url}: {exc}", EXIT_INVALID)
+    return conn
+
+
+def _recorded_redis(task_id: str) -> Any:
+    """The Redis a task of the HTTP service recorded in its run dir (``service.json``), if it answers."""
+    from slmb.core.control import service_of
+    from slmb.core.store import StoreError, run_dir
+
+    try:
+        url = (service_of(run_dir(task_id)) or {}).get("redis_url")
+    except StoreError:
+        return None
+    if not url:
+        return None
+    import redis
+
+    try:
+        conn = redis.Redis.from_url(url, socket_connect_timeout=1, health_check_interval=30)
+        conn.ping()
+    except (redis.RedisError, ValueError):
+        return None
     return conn
 
 

@@ -215,3 +215,9 @@ def test_slmb_list_tells_the_truth_about_the_service_tasks_queued_from_this_home
     assert "unknown: a task of the HTTP service, whose Redis" in table
     refused = slmb("stop", orphan, env=env)
     assert refused.returncode == 1 and "is a task of the HTTP service: stop it there" in refused.stderr
+
+    # `slmb events` reads a service task's events from the Redis its run dir names, or says where they are.
+    events = [json.loads(line)["event"] for line in slmb("events", finished, env=env).stdout.splitlines()]
+    assert events[0] == "queued" and events[-1] == "finished" and "step" in events
+    refused = slmb("events", orphan, env=env)
+    assert refused.returncode == 1 and "ran on the HTTP service; its events are in its Redis" in refused.stderr
