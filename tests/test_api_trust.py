@@ -103,6 +103,12 @@ def test_a_dataset_outside_the_data_root_is_a_422_that_reveals_nothing(app_clien
     message = errors["/etc"]["message"]
     assert "named dataset" in message and "data root" in message and str(data_root) not in message
     assert all(t["model_name"] != "trust-ds" for t in rev.list_tasks(service.redis()))  # nothing was queued
+    # Every error at once: a refused dataset beside a semantic error of the canvas.
+    body = {**tiny_request("trust-ds"), "dataset": "/etc"}
+    body["model"][-1]["data"]["outDim"] = 100  # fewer logits than the byte tokenizer's 257 tokens
+    with app_client(data_dir=data_root) as client:
+        paths = {e["path"] for e in client.post(TRAIN, json=body).json()["errors"]}
+    assert "/dataset" in paths and len(paths) >= 2, paths
 
 
 def test_without_a_data_root_only_named_datasets(app_client, data_root, service):
