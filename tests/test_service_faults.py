@@ -345,6 +345,22 @@ def test_reconcile_ends_lost_jobs_and_the_reaper_ends_started_jobs_of_dead_worke
     assert rev.fetch_job(redis_conn, queued).get_status() == JobStatus.QUEUED  # a worker will take it
 
 
+def test_a_task_whose_records_are_damaged_does_not_stop_the_others_being_reaped(redis_conn):
+    from rq.job import JobStatus
+
+    from slmb.api import redis_events as rev
+    from slmb.api.worker import reap_dead_tasks, submit
+
+    damaged, dead = submit(redis_conn, tiny_request("damaged")), submit(redis_conn, tiny_request("dead"))
+    rev.fetch_job(redis_conn, dead).set_status(JobStatus.STARTED)
+    redis_conn.sadd(rev.RUNNING, damaged, dead)
+    redis_conn.hset(f"rq:job:{damaged}", "status", "no-such-status")  # unreadable for RQ
+    reaped: list[str] = []
+    wait_until(lambda: reaped.extend(reap_dead_tasks(redis_conn)) or dead in reaped, 30, "the dead task reaped",
+               interval=0.5)
+    assert rev.terminal_event(redis_conn, dead) == "error"
+
+
 # ---------------------------------------------------------------------------------------------------- supervisor
 
 

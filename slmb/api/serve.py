@@ -206,9 +206,9 @@ def _port_of_last_run(url_file: Any) -> int | None:
 def private_redis(supervisor: Supervisor, timeout_s: float = 60.0) -> Iterator[str]:
     """A supervised ``redis-server`` on 127.0.0.1 keeping its data in ``$SLMB_HOME/redis``; yields its URL.
 
-    ``appendfsync everysec``: Redis writes every change to the file before it answers, so a killed redis-server
-    loses nothing; only a crash of the whole machine can lose the last second. ``always`` would add an fsync to
-    every event and heartbeat for that."""
+    ``appendfsync everysec``: a kill or a crash can lose about the last second of writes (Redis may answer while a
+    slow background fsync holds its write back). The event sinks re-send events a restarted Redis lost and
+    reconciliation ends tasks whose job was lost; ``always`` would add an fsync to every event and heartbeat."""
     from slmb.core.store import slmb_home
 
     exe = shutil.which("redis-server")

@@ -98,18 +98,22 @@ def _cwd() -> str:
 def _roots() -> tuple[re.Pattern[str], dict[str, str]]:
     """A pattern matching every root this process knows, and each root's placeholder."""
     env = os.environ
-    return _compile(*(env.get(k) for k in ("SLMB_HOME", "SLMB_DATA_DIR", "SLMB_TOKENIZER_DIR", "HOME")), _cwd())
+    return _compile(*(env.get(k) for k in ("SLMB_HOME", "SLMB_DATA_DIR", "SLMB_TOKENIZER_DIR", "HOME",
+                                             "MLFLOW_TRACKING_URI")), _cwd())
 
 
 @functools.lru_cache(maxsize=16)
 def _compile(*key: str | None) -> tuple[re.Pattern[str], dict[str, str]]:
     from slmb.core.store import slmb_home
 
-    _, data_dir, tokenizer_dir, _, cwd = key
+    _, data_dir, tokenizer_dir, _, tracking, cwd = key
     named = [(slmb_home(), "$SLMB_HOME"), (Path.home(), "~"), (Path(tempfile.gettempdir()), "$TMPDIR"),
              (Path(cwd), "$CWD")]
     named += [(Path(d).expanduser(), name) for d, name in ((data_dir, "$SLMB_DATA_DIR"),
                                                            (tokenizer_dir, "$SLMB_TOKENIZER_DIR")) if d]
+    store = urlsplit(tracking or "")
+    if store.scheme in ("", "sqlite", "file") and store.path.startswith("/"):  # tracking errors name their store
+        named.append((Path(store.path).parent, "$MLFLOW_STORE"))
     # Both spellings of a root reached through a link; the deepest first, so nested roots (a home inside a temp
     # dir inside the user's home) take the most specific name; a root matches only whole path parts.
     names: dict[str, str] = {}
@@ -157,8 +161,24 @@ def printable(value: Any) -> Any:
     return value
 
 
+def store_kind(uri: str) -> str:
+    """A tracking or storage URI reduced to its kind (``sqlite``, ``file``, ``http``): its path is this machine's."""
+    return urlsplit(uri).scheme or "file"
+
+
+def _no_local_path(value: Any) -> Any:
+    """A metadata value that names a place on this machine, after :func:`redact`: a file URI becomes its kind, an
+    absolute path its last part (a dataset or tokenizer file a CLI user trained with, say)."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(("sqlite:", "file:")):
+        return store_kind(value)
+    return Path(value).name if value.startswith("/") else value
+
+
 def store_relative(items: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    """``items`` redacted, with the paths under ``keys`` relative to the store (left out if outside it)."""
+    """``items`` redacted, with the paths under ``keys`` relative to the store (left out if outside it), and any
+    other top-level value naming a local place reduced by :func:`_no_local_path`."""
     from slmb.core.store import slmb_home
 
     home, out = slmb_home(), []
@@ -172,7 +192,7 @@ def store_relative(items: list[dict[str, Any]], keys: tuple[str, ...]) -> list[d
                     item[key] = str(path.relative_to(home))
                 else:
                     del item[key]
-        out.append(redact(item))
+        out.append({k: v if k in keys else _no_local_path(v) for k, v in redact(item).items()})
     return out
 
 

@@ -258,28 +258,42 @@ def reap_dead_tasks(conn: redis.Redis) -> list[str]:
     (``stopped`` if a forced stop was asked for) and its RQ job fails, so it never stays STARTED. Safe to run
     from many places at once: the terminal event is appended once, and failing a failed RQ job changes nothing.
     """
-    reaped = []
-    for raw in conn.smembers(rev.RUNNING):
-        task_id = raw.decode()
-        if rev.terminal_event(conn, task_id):
-            conn.srem(rev.RUNNING, task_id)
-            continue
-        if conn.exists(rev.alive_key(task_id)):
-            continue
-        if conn.set(grace_key(task_id), 1, nx=True, px=3 * liveness_s() * 1000):
-            conn.set(rev.alive_key(task_id), "grace", nx=True, px=liveness_s() * 1000)
-            continue
-        message = (f"no heartbeat from the task's worker for {2 * liveness_s()} s: the worker was killed or "
-                   "lost, or the job ended without a final event")
-        _fail_job(conn, rev.fetch_job(conn, task_id), message)
-        if _force_stop_requested(conn, task_id):
-            rev.RedisControl(conn).close_forced(task_id, f"the training process was killed or lost ({message})")
-        else:
-            rev.RedisControl(conn).close_failed(task_id, message, "WorkerLost")
+    return [task_id for task_id in (raw.decode() for raw in conn.smembers(rev.RUNNING))
+            if _each_task(task_id, _reap_one, conn, task_id)]
+
+
+def _each_task(task_id: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` for one task of a pass over many: a task whose records cannot be read (a damaged job or
+    status) is logged and skipped, so it never stops the others from being reaped or reconciled. Redis being
+    away ends the pass; the next one tries again."""
+    try:
+        return fn(*args)
+    except REDIS_ERRORS:
+        raise
+    except Exception:
+        log.exception("task %s: could not be checked; skipped", task_id)
+        return None
+
+
+def _reap_one(conn: redis.Redis, task_id: str) -> bool:
+    if rev.terminal_event(conn, task_id):
         conn.srem(rev.RUNNING, task_id)
-        reaped.append(task_id)
-        log.warning("task %s: %s", task_id, message)
-    return reaped
+        return False
+    if conn.exists(rev.alive_key(task_id)):
+        return False
+    if conn.set(grace_key(task_id), 1, nx=True, px=3 * liveness_s() * 1000):
+        conn.set(rev.alive_key(task_id), "grace", nx=True, px=liveness_s() * 1000)
+        return False
+    message = (f"no heartbeat from the task's worker for {2 * liveness_s()} s: the worker was killed or "
+               "lost, or the job ended without a final event")
+    _fail_job(conn, rev.fetch_job(conn, task_id), message)
+    if _force_stop_requested(conn, task_id):
+        rev.RedisControl(conn).close_forced(task_id, f"the training process was killed or lost ({message})")
+    else:
+        rev.RedisControl(conn).close_failed(task_id, message, "WorkerLost")
+    conn.srem(rev.RUNNING, task_id)
+    log.warning("task %s: %s", task_id, message)
+    return True
 
 
 def _fail_job(conn: redis.Redis, job: Job | None, message: str) -> None:
@@ -314,7 +328,6 @@ def reconcile(conn: redis.Redis, *, mlflow: bool = True) -> dict[str, list[str]]
 
     Queued jobs need nothing: RQ's queue lives in Redis, and a worker takes them when one is back."""
     done: dict[str, list[str]] = {"ended": [], "mlflow_closed": []}
-    grace_s = liveness_s()
     running = {raw.decode() for raw in conn.smembers(rev.RUNNING)}
     for task in rev.list_tasks(conn):
         task_id = task["task_id"]
@@ -324,31 +337,37 @@ def reconcile(conn: redis.Redis, *, mlflow: bool = True) -> dict[str, list[str]]
                 try:
                     if _close_mlflow_run(task_id, terminal):
                         done["mlflow_closed"].append(task_id)
-                except Exception as exc:  # MLflow down: this task is looked at again next time
+                except Exception as exc:  # MLflow down: these tasks are looked at again next time, not one by one
                     log.warning("task %s: could not check its MLflow run: %s: %s", task_id, type(exc).__name__, exc)
+                    mlflow = False
                     continue
                 conn.hset(rev.task_key(task_id), MLFLOW_CHECKED, 1)
             continue
-        if task_id in running:
-            continue
-        job = rev.fetch_job(conn, task_id)
-        status = job.get_status() if job is not None else None
-        if status == JobStatus.STARTED:
-            conn.sadd(rev.RUNNING, task_id)
-            continue
-        if job is None and time.time() - task["created"] > grace_s:
-            message = "the task's job is no longer in Redis (lost in a Redis restart or expired)"
-        elif status in _JOB_OVER and job.ended_at and time.time() - job.ended_at.timestamp() > grace_s:
-            message = f"the task's job {status.value} without the run reporting an end"
-        else:
-            continue
-        if status == JobStatus.STOPPED or _force_stop_requested(conn, task_id):
-            rev.RedisControl(conn).close_forced(task_id, message)
-        else:
-            rev.RedisControl(conn).close_failed(task_id, message, "JobLost")
-        done["ended"].append(task_id)
-        log.warning("task %s: %s", task_id, message)
+        if task_id not in running and _each_task(task_id, _reconcile_one, conn, task):
+            done["ended"].append(task_id)
     return done
+
+
+def _reconcile_one(conn: redis.Redis, task: dict[str, Any]) -> bool:
+    """End a task without a terminal event whose job is gone or over; returns whether it did."""
+    task_id, grace_s = task["task_id"], liveness_s()
+    job = rev.fetch_job(conn, task_id)
+    status = job.get_status() if job is not None else None
+    if status == JobStatus.STARTED:
+        conn.sadd(rev.RUNNING, task_id)
+        return False
+    if job is None and time.time() - task["created"] > grace_s:
+        message = "the task's job is no longer in Redis (lost in a Redis restart or expired)"
+    elif status in _JOB_OVER and job.ended_at and time.time() - job.ended_at.timestamp() > grace_s:
+        message = f"the task's job {status.value} without the run reporting an end"
+    else:
+        return False
+    if status == JobStatus.STOPPED or _force_stop_requested(conn, task_id):
+        rev.RedisControl(conn).close_forced(task_id, message)
+    else:
+        rev.RedisControl(conn).close_failed(task_id, message, "JobLost")
+    log.warning("task %s: %s", task_id, message)
+    return True
 
 
 def _close_mlflow_run(task_id: str, terminal: str) -> bool:

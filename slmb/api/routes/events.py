@@ -51,7 +51,8 @@ async def trimmed_warning(r, task_id: str, after: str) -> str | None:
     except redis.ResponseError:  # no stream yet
         return None
     first = info.get("first-entry")
-    if not first or info["entries-added"] <= info["length"] or _id(first[0]) <= _id(after):
+    added = info.get("entries-added")  # Redis 7 and later; on older ones nobody is told of a trim
+    if not first or added is None or added <= info["length"] or _id(first[0]) <= _id(after):
         return None
     message = (f"this task's stream was trimmed to its last {info['length']} events (SLMB_STREAM_MAXLEN): "
                f"events before {first[0].decode()} are no longer kept; replaying from there")
@@ -82,7 +83,7 @@ async def follow(r, task_id: str, after: str, keepalive_s: float, wait_s: float,
             # Quiet. A task that has ended (and whose end this client has already seen) has nothing more.
             ended = not reply and await r.hexists(rev.task_key(task_id), "terminal") and not await r.xread(
                 {key: cursor}, count=1)
-        except (redis.RedisError, OSError) as exc:  # OSError covers asyncio's TimeoutError
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:  # asyncio's is not an OSError before 3.11
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since >= wait_s:
                 message = (f"the event store (Redis) has been unreachable for {wait_s:g} s "

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from slmb.api.trust import public_url, redact
+from slmb.api.trust import public_url, redact, store_kind
 
 router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 5.0
@@ -45,7 +45,7 @@ def _mlflow() -> dict[str, Any]:
 
     tracking.client().search_experiments(max_results=1)
     # The store's kind, not its URI: a sqlite or file URI is a path on this machine (and this route is open).
-    return {"ok": True, "tracking": tracking.tracking_uri().partition(":")[0],
+    return {"ok": True, "tracking": store_kind(tracking.tracking_uri()),
             "ui": public_url(tracking.mlflow_ui_base())}
 
 

@@ -108,7 +108,7 @@ async def train_complete_model(request: Request) -> Any:
     body = await read_json_body(request)
     report = await run_in_threadpool(validate, body, admit=True, memory_limit=settings.worker_memory_bytes)
     if report.request is not None:  # every error at once: what the caller may not name, beside the rest
-        report.errors.extend(request_issues(report.request, settings.data_dir))
+        report.errors.extend(await run_in_threadpool(request_issues, report.request, settings.data_dir))
     if not report.ok:
         return JSONResponse(status_code=422, content={
             "detail": f"invalid request: {len(report.errors)} error(s)",
