@@ -415,6 +415,24 @@ def test_redact_names_roots_and_only_whole_path_parts(monkeypatch, tmp_path):
                          "~/.cache/slmb"], "c": 1.5}
 
 
+def test_model_metadata_names_no_local_place(monkeypatch, tmp_path):
+    """A model a CLI user trained with a local dataset file, a tokenizer file and an MLflow store of their own."""
+    from slmb.api.trust import redact, store_kind, store_relative
+
+    monkeypatch.setenv("SLMB_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////srv/tracking/mlflow.db")
+    item = {"model_name": "m", "path": str(tmp_path / "home" / "completed" / "m"), "dataset": "/srv/corpus/books.txt",
+            "tokenizer": "/opt/tok/llama.model", "mlflow_tracking_uri": "sqlite:////srv/tracking/mlflow.db",
+            "parameters": 1234, "tags": ["x"]}
+    [out] = store_relative([item], ("path", "structure_file"))
+    assert out == {"model_name": "m", "path": "completed/m", "dataset": "books.txt", "tokenizer": "llama.model",
+                   "mlflow_tracking_uri": "sqlite", "parameters": 1234, "tags": ["x"]}
+    assert redact("MLflow tracking at /srv/tracking/mlflow.db is down") == (
+        "MLflow tracking at $MLFLOW_STORE/mlflow.db is down")
+    assert [store_kind(u) for u in ("/srv/mlruns", "file:///srv/mlruns", "sqlite:///x.db", "http://h:5000")] == [
+        "file", "file", "sqlite", "http"]
+
+
 # ---------------------------------------------------------------------------------------------------- fuzzing
 
 
