@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from slmb.core.spec import MODEL_NAME_RE
+from slmb.core.validate import unencodable
 
 
 def check_name(value: str) -> str:
@@ -40,14 +41,6 @@ def check_text(value: str) -> str:
     if unencodable(value):
         raise ValueError("the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)")
     return value
-
-
-def unencodable(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def request_issues(request: Any, data_root: Path | None) -> list[Any]:

@@ -183,13 +183,13 @@ def _not_json(body: Any, limit: int = 20) -> list[Issue]:
             found = "NaN" if math.isnan(value) else ("-" if value < 0 else "") + "Infinity"
             issues.append(Issue(pointer(*path), "not a finite number", expected="a finite number", found=found,
                                 hint=_TYPE_HINTS["finite_number"]))
-        elif isinstance(value, str) and _has_surrogate(value):
+        elif isinstance(value, str) and unencodable(value):
             issues.append(Issue(pointer(*path), "the text holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
                                 "escape)", found=value.encode("utf-8", "backslashreplace").decode()[:80],
                                 hint=_TYPE_HINTS["string_unicode"]))
         elif isinstance(value, dict):
             for k, v in value.items():
-                if isinstance(k, str) and _has_surrogate(k):
+                if isinstance(k, str) and unencodable(k):
                     issues.append(Issue(pointer(*path), "a key holds a lone UTF-16 surrogate",
                                         found=k.encode("utf-8", "backslashreplace").decode()[:80],
                                         hint=_TYPE_HINTS["string_unicode"]))
@@ -200,7 +200,8 @@ def _not_json(body: Any, limit: int = 20) -> list[Issue]:
     return sorted(issues, key=lambda i: i.path)
 
 
-def _has_surrogate(text: str) -> bool:
+def unencodable(text: str) -> bool:
+    """A lone surrogate (``"\\ud800"`` in JSON) is no character: it cannot be encoded, tokenized or sent back."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
