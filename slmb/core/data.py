@@ -519,11 +519,18 @@ class WindowLoader:
         """Batches per epoch."""
         return len(self.starts) // self.batch_size
 
-    def batch(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``index`` of ``epoch``: (x, y), int64 tensors of shape (B, T), y shifted one token ahead of x."""
+    def batch(self, epoch: int, index: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of ``epoch``: (x, y), int64 tensors of shape (B, T), y shifted one token ahead of x.
+
+        With ``world_size`` > 1, only rank ``rank``'s share of it: rows [rank·B/W, (rank+1)·B/W) of the global
+        batch, so the ranks of a distributed run read disjoint windows whose union is the one-process batch
+        (B must be a multiple of W)."""
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range: an epoch has {len(self)} batches")
         starts = self._epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]  # (B,)
+        if world_size > 1:
+            share = self.batch_size // world_size
+            starts = starts[rank * share:(rank + 1) * share]  # (B/W,)
         return self._gather(starts)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

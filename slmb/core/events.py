@@ -71,6 +71,9 @@ class Started(Event):
     token_cache_hit: bool | None = None  # the dataset's tokens came from the cache, not a fresh tokenization
     flops_per_token: int | None = None  # training FLOPs per token (SLM.flops_per_token)
     peak_flops: float | None = None  # the device's measured matmul FLOP/s in the compute dtype (runtime.matmul_peak)
+    world_size: int = 1  # processes training together (torchrun); batch_size is the global batch over all of them
+    strategy: str | None = None  # "ddp" or "fsdp" on several processes, None for one
+    activation_checkpointing: bool = False
 
 
 class Step(Event):

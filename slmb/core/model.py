@@ -18,8 +18,12 @@ class SLM(nn.Module):
         self.vocab_size = vocab_size
         self.context_length = context_length
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """ids (B, T) int64 -> logits (B, T, V). With a cache, ids continue the cached sequence."""
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """ids (B, T) int64 -> logits (B, T, V). With a cache, ids continue the cached sequence. With ``targets``
+        (B, T), the mean loss instead (``loss``): the entry a DDP or FSDP wrapper calls, so its hooks run."""
+        if targets is not None:
+            return self.loss(ids, targets)
         pos = cache.pos if cache is not None else 0
         logits = self.chain(ids, N.Ctx(pos=pos, cache=cache))
         if cache is not None:

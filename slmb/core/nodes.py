@@ -379,15 +379,29 @@ class Chain(nn.Module):
 
 
 class Repeat(nn.Module):
-    """``numOfBlocks`` independent copies of a chain (own weights), applied in sequence."""
+    """``numOfBlocks`` independent copies of a chain (own weights), applied in sequence.
+
+    ``call_hooks``: call each block through ``nn.Module.__call__``, so hooks registered on it run (FSDP2 gathers a
+    sharded block's weights in its pre-forward hook). ``checkpointing``: recompute each block's activations in the
+    backward pass instead of keeping them (activation checkpointing; training only)."""
 
     def __init__(self, blocks: list[Chain]):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        self.call_hooks = False
+        self.checkpointing = False
 
     def forward(self, h: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        if not (self.call_hooks or self.checkpointing):
+            for block in self.blocks:
+                h = block.forward(h, ctx)  # as Chain does: no per-call hook checks
+            return h
+        recompute = self.checkpointing and torch.is_grad_enabled() and ctx.cache is None
         for block in self.blocks:
-            h = block.forward(h, ctx)  # as Chain does: no per-call hook checks
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(block, h, ctx, use_reentrant=False)
+            else:
+                h = block(h, ctx)
         return h
 
 

@@ -344,6 +344,16 @@ class Config(BaseModel):
     max_rows: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     text_field: str = "text"
     checkpoint_every: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
+    # Several processes (torchrun; docs/distributed.md): "ddp" replicates the model, "fsdp" shards it (FSDP2),
+    # "auto" picks DDP when a replica fits the device and FSDP otherwise. batch_size is the global batch.
+    distributed: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(
+        "How a run started on several processes (slmb train --nproc-per-node N, or torchrun) trains: 'ddp' "
+        "replicates the model on every device, 'fsdp' shards weights, gradients and optimizer states (FSDP2), "
+        "'auto' picks DDP when a replica fits the device's memory and FSDP otherwise. batch_size is the global "
+        "batch, split evenly over the processes. No effect on a one-process run."))
+    activation_checkpointing: bool = Field(False, description=(
+        "Recompute each transformer block's activations during the backward pass instead of keeping them: "
+        "less memory for about a third more compute. Any run, one process or several."))
 
     _clean = model_validator(mode="before")(classmethod(lambda cls, v: _drop_nulls(v)))
 

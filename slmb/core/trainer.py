@@ -20,6 +20,7 @@ with ``bench/train.py`` so the benchmark measures this code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -34,6 +35,7 @@ from torch import nn
 
 from slmb.core import events as ev
 from slmb.core.control import Control, get_control
+from slmb.core.distributed import Dist
 from slmb.core.runtime import autocast_for, matmul_peak, prepare_device
 from slmb.core.store import (
     Run,
@@ -41,6 +43,7 @@ from slmb.core.store import (
     create_run,
     latest_checkpoint,
     load_weights,
+    new_task_id,
     read_json,
     run_dir,
     save_completed,
@@ -133,10 +136,14 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, autocast: Callable[[], Any],
                  device: torch.device, *, scaler: Any = None, grad_clip: float | None = 1.0,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 micro_step: Callable[[bool], Any] | None = None):
+        """``micro_step(last)``: the context of one micro-batch (a distributed run synchronises gradients on the
+        last one only; ``Dist.micro_step``)."""
         self.model, self.optimizer, self.autocast, self.device = model, optimizer, autocast, device
         self.scaler, self.grad_clip = scaler, grad_clip or float("inf")
         self.loss_fn = loss_fn or model.loss
+        self.micro_step = micro_step
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -158,13 +165,16 @@ class TrainStep:
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = None
-        for x, y in batches:
-            loss = self.loss(x, y)
-            (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
+        for k, (x, y) in enumerate(batches):
+            with self.micro_step(k == accum - 1) if self.micro_step else contextlib.nullcontext():
+                loss = self.loss(x, y)
+                (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if scaler is not None:
             scaler.unscale_(opt)
         grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor of the sharded gradients' norm
+            grad_norm = grad_norm.full_tensor()
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -289,7 +299,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sinks: Sequence[ev.Sink] = (),
           overrides: Mapping[str, Any] | None = None, resume: bool = False, control: Control | None = None,
-          track: bool = True, step_every_s: float = STEP_EVERY_S, confined: bool = False) -> TrainResult:
+          track: bool = True, step_every_s: float = STEP_EVERY_S, confined: bool = False,
+          dist: Dist | None = None) -> TrainResult:
     """Train the model a request describes; see the module docstring.
 
     Args:
@@ -305,15 +316,41 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
         step_every_s: minimum seconds between ``step``/``progress`` events (0 = every step).
         confined: the request comes from the HTTP API, not the machine's owner: a named dataset or a file under
             ``$SLMB_DATA_DIR`` only, and tokenizers by name only (``prepare_tokens``, ``load_tokenizer``).
+        dist: the processes training together (slmb.core.distributed). By default one, or, in a process torchrun
+            started, its process group (joined here, left at the end). Every rank calls ``train`` with the same
+            arguments; rank 0's task id, request and checkpoint are the ones used, and only rank 0 writes events,
+            status, MLflow and the completed model (``sinks`` and ``control`` are used there only).
 
     Raises:
         RequestInvalidError: the request is invalid (nothing is created).
         Any setup or training error, after ``error`` has been emitted.
         KeyboardInterrupt: after ``stopped`` (reason "interrupted") has been emitted.
     """
-    from slmb.core.validate import RequestInvalidError, validate
+    from slmb.core import distributed as D
 
-    control = control or get_control()
+    own_dist = dist is None
+    if dist is None:
+        dist = D.Dist.from_env(resolve_device(_device_hint(request, overrides))) if D.launched() else D.Dist()
+    try:
+        return _train(request, task_id, sinks, overrides, resume, control or get_control(), track, step_every_s,
+                      confined, dist)
+    finally:
+        if own_dist:
+            dist.close()
+
+
+def _device_hint(request: Any, overrides: Mapping[str, Any] | None) -> str:
+    """The device a request asks for, before it is validated: torchrun's ranks must pick their backend (NCCL or
+    gloo) before they can agree on anything."""
+    device = (overrides or {}).get("device")
+    if device is None and isinstance(request, Mapping) and isinstance(request.get("config"), Mapping):
+        device = request["config"].get("device")
+    return device if isinstance(device, str) and device else "auto"
+
+
+def _setup_body(request: Mapping[str, Any] | None, task_id: str | None, overrides: Mapping[str, Any] | None,
+                resume: bool, control: Control) -> dict[str, Any]:
+    """The request to train (the stored one on resume), with overrides; raises when there is nothing to train."""
     if resume:
         if task_id is None:
             raise ValueError("resume needs the task id of a stopped run")
@@ -326,26 +363,67 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
             request = read_json(run.request)
     elif request is None:
         raise ValueError("a request is needed to start a run")
-    body = apply_overrides(request, overrides)
+    return apply_overrides(request, overrides)
+
+
+class _Silent:
+    """The control of a rank other than 0: rank 0 alone reads stop flags and writes the status."""
+
+    def stop_requested(self, task_id: str) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _train(request: Mapping[str, Any] | None, task_id: str | None, sinks: Sequence[ev.Sink],
+           overrides: Mapping[str, Any] | None, resume: bool, control: Control, track: bool, step_every_s: float,
+           confined: bool, dist: Dist) -> TrainResult:
+    from slmb.core.distributed import LAUNCHER_ENV
+    from slmb.core.validate import RequestInvalidError, validate
+
+    # Rank 0 decides what to train (its task id, its stored request on resume) and tells the others.
+    body: dict[str, Any] | None = None
+    failure: Exception | None = None
+    if dist.is_main:
+        task_id = task_id or new_task_id()
+        try:
+            body = _setup_body(request, task_id, overrides, resume, control)
+        except (ValueError, StoreError) as exc:
+            failure = exc
+    body, failure, task_id = dist.broadcast((body, failure, task_id))
+    if failure is not None:
+        raise failure
     report = validate(body, build=False)
     if not report.ok:
         raise RequestInvalidError(report)
-    run = create_run(body, task_id)
+    if dist.is_main:
+        run = create_run(body, task_id)
+    else:
+        run = run_dir(task_id)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)  # DCP writes this rank's shard there
     model_name = report.request.model_name or f"model-{run.task_id[:8]}"
 
     mlflow_sink = None
-    if track:
+    if track and dist.is_main:
         from slmb.core.tracking import MlflowSink
 
         mlflow_sink = MlflowSink(run.task_id, body)
     # The sink that may fail (a remote tracking server) goes first, so its warning precedes the terminal event.
-    emitter = ev.Emitter([*([mlflow_sink] if mlflow_sink else []), ev.JsonlSink(run.events), *sinks])
+    emitter = ev.Emitter([*([mlflow_sink] if mlflow_sink else []), ev.JsonlSink(run.events), *sinks]
+                         if dist.is_main else [])
+    if not dist.is_main:
+        control = _Silent()  # type: ignore[assignment]
     if resume:
         control.clear_stop(run.task_id)
-    control.register_process(run.task_id)
+    # A force-stop kills the process that owns the run: the launcher (`slmb train --nproc-per-node`, a worker),
+    # else torchrun's agent (its ranks die with it), else this process.
+    owner = os.environ.get(LAUNCHER_ENV) or (os.getppid() if dist.active else None)
+    control.register_process(run.task_id, int(owner) if owner else None)
     control.write_status(run.task_id, "running", model_name=model_name, pid=os.getpid())
     emitter.emit(ev.Status(task_id=run.task_id, state="running"))
-    loop = _Loop(run, body, report.request, model_name, emitter, control, mlflow_sink, step_every_s, confined)
+    loop = _Loop(run, body, report.request, model_name, emitter, control, mlflow_sink, step_every_s, confined,
+                 dist)
     try:
         return loop.run(resume)
     except KeyboardInterrupt:
@@ -358,19 +436,40 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
                                 reason="interrupted"))
         raise
     except Exception as exc:
-        control.write_status(run.task_id, "error", message=str(exc), error_type=type(exc).__name__)
-        emitter.emit(ev.Status(task_id=run.task_id, state="error", message=str(exc)))
-        emitter.emit(ev.Error(task_id=run.task_id, message=str(exc), type=type(exc).__name__))
+        message = _failure_message(exc, dist)
+        control.write_status(run.task_id, "error", message=message, error_type=type(exc).__name__)
+        emitter.emit(ev.Status(task_id=run.task_id, state="error", message=message))
+        emitter.emit(ev.Error(task_id=run.task_id, message=message, type=type(exc).__name__))
         raise
     finally:
         emitter.close()
+
+
+def _failure_message(exc: Exception, dist: Dist) -> str:
+    """The error's text; a collective that failed because another rank died says so first."""
+    text = str(exc)
+    if not dist.active:
+        return text
+    import torch.distributed
+
+    peer_lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out")
+    if isinstance(exc, torch.distributed.DistError) or any(marker in text for marker in peer_lost):
+        return f"another process of this run failed or was killed (torch.distributed: {text.splitlines()[0]})"
+    return text
+
+
+def _num_parameters(model: nn.Module) -> int:
+    """Parameters of the whole model, tied once; a sharded (FSDP) parameter counts its global size."""
+    return sum(p.numel() for p in model.parameters())
 
 
 class _Loop:
     """One training run's state; ``run`` is the loop. A class only so the stop/finish paths share the state."""
 
     def __init__(self, run: Run, body: dict[str, Any], req: Any, model_name: str, emitter: ev.Emitter,
-                 control: Control, mlflow_sink: Any, step_every_s: float, confined: bool = False):
+                 control: Control, mlflow_sink: Any, step_every_s: float, confined: bool = False,
+                 dist: Dist | None = None):
+        self.dist = dist or Dist()
         self.run_, self.body, self.req, self.model_name = run, body, req, model_name
         self.emitter, self.control, self.mlflow_sink = emitter, control, mlflow_sink
         self.step_every_s, self.confined = step_every_s, confined
@@ -379,6 +478,7 @@ class _Loop:
         self.t_session, self.elapsed_before = time.monotonic(), 0.0
         self.total_steps = 0
         self.best_weights: dict[str, torch.Tensor] | None = None  # with early stopping: the best eval's weights
+        self.parameters = 0
 
     def emit(self, event_type: type[ev.Event], **data: Any) -> None:
         self.emitter.emit(event_type(task_id=self.task_id, **data))
@@ -386,35 +486,54 @@ class _Loop:
     def warn(self, message: str) -> None:
         self.emit(ev.Warning, message=message, source="trainer")
 
+    def local_stop(self) -> bool:
+        """This process's wish to stop: the run's stop flag (rank 0 reads it) or a signal this rank received."""
+        return self.dist.stop_signalled or self.control.stop_requested(self.task_id)
+
     def run(self, resume: bool) -> TrainResult:
+        from slmb.core import nodes as N
         from slmb.core.compiler import build_model
         from slmb.core.data import DatasetError, WindowLoader, prepare_tokens
+        from slmb.core.distributed import DistributedError
         from slmb.core.memory import MemoryLimitError
         from slmb.core.tokenizers import check_vocab, load_tokenizer
-        from slmb.core.validate import memory_refusal
+        from slmb.core.validate import choose_strategy, memory_refusal
 
-        cfg, req = self.req.config, self.req
-        if self.control.stop_requested(self.task_id):  # stopped while queued: nothing to save
+        cfg, req, dist = self.req.config, self.req, self.dist
+        if dist.any(self.local_stop()):  # stopped while queued: nothing to save
             return self._stopped(None)
 
-        device = resolve_device(cfg.device)
+        device = dist.device if dist.active else resolve_device(cfg.device)
         prepare_device(device)
-        refusal = memory_refusal(req, str(device))  # before any weight or token exists: an error, not an OOM kill
+        W = dist.world_size
+        # Before any weight or token exists: an error, not an OOM kill. "auto" picks DDP or FSDP by the estimate.
+        strategy = choose_strategy(req, str(device), W) if dist.active else None
+        refusal = memory_refusal(req, str(device), world_size=W, strategy=strategy)
         if refusal:
             raise MemoryLimitError(refusal)
 
         tokenizer = load_tokenizer(cfg.tokenizer_name, paths=not self.confined)
         torch.manual_seed(cfg.seed)
-        model = build_model(req, device=device)
+        # FSDP: built on the CPU, so each GPU only ever receives its shard (fully_shard moves it there).
+        model = build_model(req, device="cpu" if strategy == "fsdp" else device)
+        if dist.rank:  # dropout's masks differ between ranks (rank 0 keeps the one-process stream)
+            torch.manual_seed(cfg.seed + dist.rank)
         check_vocab(model.vocab_size, tokenizer)  # before any data is tokenized or step taken
         dtype, autocast, fallback = autocast_for(cfg.dtype, device, model.num_parameters())
         if fallback:
             self.warn(fallback)
+        if dtype == "fp16" and strategy == "fsdp":
+            raise DistributedError("fp16 with FSDP is not supported: use bf16 (or distributed: ddp)")
         scaler = torch.amp.GradScaler("cuda") if dtype == "fp16" else None
+        if dist.local_rank:  # one tokenization per machine: local rank 0 fills the token cache, then the others
+            dist.barrier()
         data = prepare_tokens(req.dataset, req.dataset_config, tokenizer, val_fraction=cfg.val_fraction,
                               max_rows=cfg.max_rows, text_field=cfg.text_field, confined=self.confined)
+        if dist.active and not dist.local_rank:
+            dist.barrier()
         T, B, accum = cfg.context_length, cfg.batch_size, cfg.grad_accum_steps
         train_loader = WindowLoader(data.train, T, cfg.resolved_stride, B, cfg.seed)
+        dist.check_batch(B, train_loader.batch_size)
         val_loader = None
         if len(data.val) > T:
             val_loader = WindowLoader(data.val, T, T, B, cfg.seed, shuffle=False, split="val")
@@ -432,57 +551,77 @@ class _Loop:
             self.warn(f"warmup_steps ({cfg.warmup_steps}) >= total steps ({total_steps}): the learning rate "
                       "never reaches learning_rate")
         min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.learning_rate / 10
+        for repeat in (m for m in model.modules() if isinstance(m, N.Repeat)):
+            repeat.checkpointing = cfg.activation_checkpointing
+        loss_fn = dist.setup_model(model, strategy, dtype, cfg.compile) if dist.active else (
+            torch.compile(model.loss) if cfg.compile else None)
         optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, device)
 
         st = self.state
         if resume:
-            ckpt = latest_checkpoint(self.run_)
+            ckpt = latest_checkpoint(self.run_) if dist.is_main else None
+            ckpt = dist.broadcast(str(ckpt) if ckpt else None)
             if ckpt is None:
                 raise StoreError(f"run {self.task_id} has no checkpoint to resume from")
-            self.state = st = load_checkpoint(ckpt, model, optimizer, scaler, device)
+            saved, self.best_weights, notes = dist.load_checkpoint(Path(ckpt), model, optimizer, scaler, cfg.seed)
+            self.state = st = TrainState(**saved)
             self.elapsed_before = st.elapsed_s
-            if (ckpt / "best.safetensors").is_file():
-                self.best_weights = load_weights(ckpt / "best.safetensors")
+            for note in notes:
+                self.warn(note)
         start_step = st.step
         step = TrainStep(model, optimizer, autocast, device, scaler=scaler, grad_clip=cfg.grad_clip,
-                         loss_fn=torch.compile(model.loss) if cfg.compile else None)
+                         loss_fn=loss_fn, micro_step=dist.micro_step if dist.active else None)
         eval_sets = {"train": train_loader.eval_batches(cfg.eval_batches),
                      "val": val_loader.eval_batches(cfg.eval_batches) if val_loader else []}
 
         @torch.no_grad()
         def evaluate(batches: list) -> float | None:
+            """The mean loss over ``batches``; on several ranks each evaluates its rows and the mean is global."""
             if not batches:
                 return None
             model.eval()
-            losses = [step.loss(x, y).item() for x, y in batches]
+            total = weight = 0.0
+            for x, y in batches:
+                xr, yr, w = dist.share(x, y)
+                total += step.loss(xr, yr).item() * w
+                weight += w
             model.train()
-            return sum(losses) / len(losses)
+            return dist.mean(total, weight)
 
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.total_steps = total_steps
-        flops_per_token, peak = model.flops_per_token(T), matmul_peak(device, dtype)
+        flops_per_token = model.flops_per_token(T)
+        # All ranks together: one device's measured peak times the world size (measured on rank 0 only).
+        peak = matmul_peak(device, dtype) * W if dist.is_main else 1.0
+        params = self.parameters = sum(p.numel() for p in model.parameters()) if not dist.active else \
+            _num_parameters(model)
         self.emit(ev.Started, model_name=self.model_name, total_steps=total_steps, epochs=cfg.epochs,
                   steps_per_epoch=steps_per_epoch, batch_size=B, context_length=T,
-                  parameters=model.num_parameters(), device=str(device), dtype=dtype, tokenizer=tokenizer.name,
+                  parameters=params, device=str(device), dtype=dtype, tokenizer=tokenizer.name,
                   dataset=req.dataset, resumed_from_step=start_step, train_tokens=len(data.train),
                   val_tokens=len(data.val), token_cache_hit=data.from_cache, grad_accum_steps=accum,
-                  flops_per_token=flops_per_token, peak_flops=peak)
+                  flops_per_token=flops_per_token, peak_flops=peak, world_size=W, strategy=strategy,
+                  activation_checkpointing=cfg.activation_checkpointing)
 
         model.train()
         t0 = time.monotonic()
         # tokens/s counts training time only (no evaluation, checkpoints or event handling); the ETA uses wall time.
         last_emit, tokens_since_emit, busy_since_emit, evaluated_at = 0.0, 0, 0.0, -1
         stop_reason = None
+        # On several ranks the stop is agreed: read before the first step, then carried by each step's loss
+        # all-reduce, so every rank leaves the loop after the same step.
+        agreed_stop = dist.any(self.local_stop()) if dist.active else False
         while st.step < total_steps:
-            if self.control.stop_requested(self.task_id):
+            if agreed_stop if dist.active else self.local_stop():
                 stop_reason = "requested"
                 break
             t_step = time.monotonic()
             lr = get_lr(st.step, total_steps, cfg.learning_rate, min_lr, cfg.warmup_steps, cfg.lr_schedule)
             epoch, cursor = divmod(st.step, steps_per_epoch)
-            loss, grad_norm = step([train_loader.batch(epoch, cursor * accum + k) for k in range(accum)], lr)
+            loss, grad_norm = step([train_loader.batch(epoch, cursor * accum + k, dist.rank, W)
+                                    for k in range(accum)], lr)
             st.step += 1
-            loss_val = loss.item()
+            loss_val, agreed_stop = dist.step_result(loss, dist.active and self.local_stop())
             if not math.isfinite(loss_val):
                 raise TrainingError(f"the loss became {loss_val} at step {st.step}; lower the learning_rate or "
                                     "use fp32")
@@ -504,7 +643,7 @@ class _Loop:
                         st.best_val_loss, st.evals_without_improvement = st.val_loss, 0
                         st.best_step, st.best_train_loss = st.step, st.eval_train_loss
                         if cfg.early_stopping_patience is not None:  # what it would roll back to
-                            self.best_weights = snapshot_weights(model, self.best_weights)
+                            self.best_weights = dist.snapshot(model, self.best_weights)
                     else:
                         st.evals_without_improvement += 1
                 self.emit(ev.Eval, step=st.step, train_loss=st.eval_train_loss, val_loss=st.val_loss,
@@ -541,7 +680,7 @@ class _Loop:
         if stop_reason == "early_stopping":
             message = f"early stopping: no better validation loss in {cfg.early_stopping_patience} evaluations"
             if self.best_weights is not None and st.best_step != st.step:
-                model.load_state_dict(self.best_weights)
+                dist.restore(model, self.best_weights)
                 st.val_loss, st.eval_train_loss = st.best_val_loss, st.best_train_loss
                 message += (f"; the model keeps the weights of step {st.best_step} (val loss "
                             f"{st.best_val_loss:.4f}), the best evaluation")
@@ -556,7 +695,7 @@ class _Loop:
         self.state.elapsed_s = self.elapsed()
         st = self.state
         best = self.best_weights if st.best_step is not None and st.best_step != st.step else None
-        path = save_checkpoint(self.run_, self.model, self.optimizer, self.scaler, st, best)
+        path = self.dist.save_checkpoint(self.run_, self.model, self.optimizer, self.scaler, st, best)
         self.emit(ev.Checkpoint, step=self.state.step, path=str(path))
         return path
 
@@ -572,11 +711,14 @@ class _Loop:
     def _finished(self, model: nn.Module, tokenizer: Any, dtype: str, device: torch.device) -> TrainResult:
         st, cfg = self.state, self.req.config
         elapsed = self.elapsed()  # before waiting for MLflow, which may still be starting up
+        weights = self.dist.full_state_dict(model)  # every rank takes part; rank 0 alone gets them
+        if weights is None:
+            return self._result("finished", None)
         mlflow = self.mlflow_sink.describe() if self.mlflow_sink is not None else {}
         metadata = {
             "task_id": self.task_id, "tokenizer": tokenizer.name, "tokenizer_vocab_size": tokenizer.vocab_size,
             "dataset": self.req.dataset, "dataset_config": self.req.dataset_config,
-            "parameters": model.num_parameters(), "vocab_size": model.vocab_size,
+            "parameters": self.parameters, "vocab_size": model.vocab_size,
             "context_length": cfg.context_length, "dtype": dtype, "device": str(device), "steps": st.step,
             "best_step": st.best_step,
             "epochs": cfg.epochs, "elapsed_s": round(elapsed, 3),
@@ -584,7 +726,7 @@ class _Loop:
                         "best_val_loss": st.best_val_loss, "last_step_loss": st.last_loss, "loss_ema": st.loss_ema},
             **mlflow,
         }
-        path = save_completed(self.model_name, self.body, model.state_dict(), metadata)
+        path = save_completed(self.model_name, self.body, weights, metadata)
         self.control.write_status(self.task_id, "finished", step=st.step, path=str(path))
         self.emit(ev.Status, state="finished")
         self.emit(ev.Finished, model_name=self.model_name, step=st.step, train_loss=st.eval_train_loss,
