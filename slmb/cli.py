@@ -73,23 +73,29 @@ def _memory_limit(value: str | None, flag: str = "--max-memory") -> int | None:
     return limit
 
 
-def _refuse_if_too_big(body: Any, overrides: dict[str, Any], limit: int | None) -> None:
-    """`slmb train` refuses a run that cannot fit in memory before it creates or loads anything, with the
-    error `slmb validate` prints; other problems are left to the trainer's own validation."""
+def _refuse_if_too_big(body: Any, overrides: dict[str, Any], limit: int | None, world_size: int = 1) -> None:
+    """`slmb train` refuses a run that cannot fit in memory (on each of ``world_size`` devices) before it creates
+    or loads anything, with the error `slmb validate` prints; other problems are left to the trainer's own
+    validation."""
     from slmb.core.trainer import apply_overrides
     from slmb.core.validate import validate as run_validation
 
     if not isinstance(body, dict):
         return
-    for e in run_validation(apply_overrides(body, overrides), admit=True, memory_limit=limit).errors:
-        if e.check == "memory":
+    report = run_validation(apply_overrides(body, overrides), admit=True, memory_limit=limit, world_size=world_size)
+    for e in report.errors:
+        if e.check == "memory" or (world_size > 1 and e.path == "/config/batch_size"):
             _fail(f"{e.path}: {e.message}\n  hint: {e.hint}", EXIT_INVALID)
 
 
 @app.command()
 def validate(file: Path = typer.Argument(..., help="request JSON (the body the canvas posts)"),
              as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
-             max_memory: str | None = MAX_MEMORY) -> None:
+             max_memory: str | None = MAX_MEMORY,
+             nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1,
+                                                help="judge memory per device for a run on this many processes "
+                                                     "(config.distributed picks DDP or FSDP)"),
+             nnodes: int = typer.Option(1, "--nnodes", min=1, help="machines the run will use")) -> None:
     """Check a request and show the model it describes: nodes, output shapes, parameters, memory.
 
     Exit code 0 when valid, 1 when invalid (every error is printed; a run whose estimated peak memory is over
@@ -98,7 +104,8 @@ def validate(file: Path = typer.Argument(..., help="request JSON (the body the c
     body = read_request(file)  # before the heavy imports: an unreadable file fails at once
     from slmb.core.validate import validate as run_validation
 
-    report = run_validation(body, admit=True, memory_limit=_memory_limit(max_memory))
+    report = run_validation(body, admit=True, memory_limit=_memory_limit(max_memory),
+                            world_size=nproc_per_node * nnodes)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -254,6 +261,125 @@ def worker(redis_url: str = typer.Option(..., "--redis-url", envvar="SLMB_REDIS_
 EXIT_STOPPED = 3  # `slmb train` ended by a stop (Ctrl-C or `slmb stop`): resumable, but not a finished model
 
 
+def _device_of(body: Any) -> str:
+    config = body.get("config") if isinstance(body, dict) else None
+    device = config.get("device") if isinstance(config, dict) else None
+    return device if isinstance(device, str) else "auto"
+
+
+def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool) -> None:
+    """`slmb train --nproc-per-node N`: run torchrun and own the run's signals and the end of its log.
+
+    The ranks run in their own session, so a Ctrl-C here reaches only this process: the first asks for a stop
+    (rank 0 reads the flag, every rank stops after the same step and they checkpoint together), the second ends
+    every rank at once. SIGTERM (`slmb stop --force` kills this process) ends them at once too. When the ranks
+    are gone and rank 0 could not end the log (it was killed, or lost a peer), this process does."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+
+    from slmb.core import distributed as D
+    from slmb.core.control import get_control
+    from slmb.core.store import StoreError
+
+    proc = D.start(cmd, env)
+    how = {"interrupted": False, "killed": False}
+
+    def kill_all() -> None:  # torchrun at once; its ranks die with it (PR_SET_PDEATHSIG)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        try:
+            if not (get_control().read_status(task_id) or {}).get("state"):
+                raise StoreError("no run yet")
+            get_control().request_stop(task_id)
+            typer.echo("stopping every process after this step (Ctrl-C again to quit now)", err=True)
+            signal.signal(signal.SIGINT, on_second)
+        except StoreError:  # the ranks have not started the run yet: nothing to checkpoint
+            on_second(signum, frame)
+
+    def on_second(signum: int, frame: Any) -> None:
+        how["interrupted"] = True
+        kill_all()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        how["killed"] = True
+        kill_all()
+
+    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    while True:  # handlers only signal: a handler that waited on proc would deadlock with wait()'s lock
+        try:
+            returncode = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if how["killed"]:  # a forced stop: `slmb stop --force` ends the log once this process has exited
+        raise typer.Exit(EXIT_STOPPED)
+    state = D.close_log(task_id, D.describe_exit(returncode), interrupted=how["interrupted"]) if holds_rank0 else None
+    if state == "stopped":
+        raise typer.Exit(130 if how["interrupted"] else EXIT_STOPPED)
+    if state == "error" or (state is None and returncode != 0):
+        if state == "error" and returncode != 0:
+            typer.echo(f"error: the run failed ({D.describe_exit(returncode)}); see slmb events {task_id}", err=True)
+        raise typer.Exit(EXIT_INVALID)
+
+
+def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool, track: bool,
+                as_json: bool) -> None:
+    """`slmb train` in a process torchrun started: join the group and train; rank 0 alone prints. Ranks
+    started by `_launch` exit 0 on a stop (their launcher reads the log for the exit code; torchrun would
+    report any other status as a failed run)."""
+    import os
+
+    from slmb.core import distributed as D
+    from slmb.core import events as ev
+    from slmb.core.trainer import join_processes
+    from slmb.core.trainer import train as run_training
+    from slmb.core.validate import RequestInvalidError
+
+    D.die_with_parent()  # torchrun's agent gone: this rank goes too
+    try:
+        dist = join_processes(body, overrides)
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_INVALID)
+    sink: Any = None
+    if dist.is_main:
+        if as_json:
+            sink = ev.CallbackSink(lambda e: typer.echo(e.to_json()))
+            typer.echo(f"task {task_id} ({dist.world_size} processes)", err=True)
+        else:
+            from slmb.console import ConsoleSink
+
+            sink = ConsoleSink()
+            sink.console.print(f"task [bold]{task_id}[/] on {dist.world_size} processes (from another terminal: "
+                               f"slmb stop {task_id})", highlight=False)
+    launched_by_slmb = D.LAUNCHER_ENV in os.environ
+    try:
+        with D.catch_signals(dist):
+            result = run_training(body, task_id=task_id, sinks=[sink] if sink else [], overrides=overrides,
+                                  resume=resume, track=track, dist=dist)
+    except RequestInvalidError as exc:
+        _fail(str(exc) if dist.is_main else "invalid request (rank 0 prints why)", EXIT_INVALID)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_INVALID)
+    finally:
+        if sink is not None:
+            sink.close()
+        dist.close()
+    if dist.is_main and result.mlflow.get("mlflow_url") and not as_json:
+        typer.echo(f"MLflow run: {result.mlflow['mlflow_url']}")
+    if result.state == "stopped":
+        if dist.is_main and result.path:
+            typer.echo(f"resume with: slmb train --resume {task_id}"
+                       + ("" if launched_by_slmb else " (under torchrun, as before)"), err=True)
+        raise typer.Exit(0 if launched_by_slmb else EXIT_STOPPED)
+
+
 @app.command()
 def train(file: Path | None = typer.Argument(None, help="request JSON; optional with --resume"),
           epochs: int | None = typer.Option(None, "--epochs", min=1, help="override config.epochs"),
@@ -269,13 +395,31 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
                                                              "live display"),
           queue: bool = typer.Option(False, "--queue", help="train on the service's workers (Redis at "
                                                             "$SLMB_REDIS_URL) and follow the run here"),
-          max_memory: str | None = MAX_MEMORY) -> None:
+          max_memory: str | None = MAX_MEMORY,
+          nproc_per_node: int | None = typer.Option(
+              None, "--nproc-per-node", min=1,
+              help="train on N processes on this machine through torchrun: one per GPU (NCCL), or CPU processes "
+                   "(gloo); config.distributed picks DDP or FSDP, batch_size is the global batch"),
+          nnodes: int = typer.Option(1, "--nnodes", min=1, help="machines taking part; run this same command on "
+                                                                  "each, with its --node-rank"),
+          node_rank: int = typer.Option(0, "--node-rank", min=0, help="this machine's place (0 holds rank 0, "
+                                                                      "which writes events and the model)"),
+          master_addr: str | None = typer.Option(None, "--master-addr", help="address of the machine with node "
+                                                                            "rank 0 (several machines)"),
+          master_port: int | None = typer.Option(None, "--master-port", help="its port (default 29500)"),
+          rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", metavar="HOST:PORT",
+                                                   help="a c10d rendezvous instead of --master-addr/--node-rank"),
+          task_id_given: str | None = typer.Option(None, "--task-id", hidden=True)) -> None:
     """Train a model; the finished model goes to the store (see `slmb list`).
 
     Prints the task id first, so another terminal can `slmb stop TASK_ID` or `slmb events TASK_ID --follow`.
     Ctrl-C stops after the current step with a checkpoint (resume with --resume TASK_ID); a second Ctrl-C
     quits at once. Exit code 0 finished, 1 invalid request (or one estimated not to fit in memory: see
     --max-memory) or failed, 2 unreadable file, 3 stopped.
+
+    With --nproc-per-node N (and --nnodes for several machines) the run trains on N processes started by
+    torchrun, and behaves the same: one display, one event log, one model (docs/distributed.md). Starting
+    this command under torchrun yourself (`torchrun --nproc-per-node 2 -m slmb train req.json`) works too.
     """
     import os
     import signal
@@ -284,6 +428,7 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     # --json (nothing but events on stdout) and tear the live display. `slmb train` prints the link itself.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
+    from slmb.core import distributed as D
     from slmb.core import events as ev
     from slmb.core.control import get_control
     from slmb.core.store import StoreError, new_task_id
@@ -293,10 +438,30 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     if file is None and resume is None:
         _fail("give a request FILE, or --resume TASK_ID to continue a stopped run", EXIT_UNREADABLE)
     body = read_request(file) if file is not None else None
-    task_id = resume or new_task_id()
+    task_id = resume or task_id_given or new_task_id()
     overrides = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device,
                  "dtype": dtype, "model_name": name}
-    _refuse_if_too_big(body, overrides, _memory_limit(max_memory))
+    launch = nproc_per_node is not None or nnodes > 1
+    if launch and queue:
+        _fail("--queue trains on the service's workers: give their --nproc-per-node to `slmb worker` or `slmb "
+              "serve`, not here", EXIT_UNREADABLE)
+    if D.launched():  # a rank torchrun started: the run's display, log and exit code belong to rank 0
+        _train_rank(body, task_id, overrides, resume is not None, track, as_json)
+        return
+    world_size = (nproc_per_node or 1) * nnodes
+    _refuse_if_too_big(body, overrides, _memory_limit(max_memory), world_size)
+    if launch:
+        flags = [a for flag, value in (("--epochs", epochs), ("--max-steps", max_steps), ("--batch-size", batch_size),
+                                       ("--device", device), ("--dtype", dtype), ("--name", name),
+                                       ("--resume", resume), ("--max-memory", max_memory))
+                 if value is not None for a in (flag, str(value))]
+        args = ["train", *([str(file)] if file is not None else []), *flags, "--task-id", task_id,
+                *([] if track else ["--no-track"]), *(["--json"] if as_json else [])]
+        cmd = D.torchrun_command(args, nproc_per_node=nproc_per_node or 1, nnodes=nnodes, node_rank=node_rank,
+                                 master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint,
+                                 run_id=task_id)
+        _launch(cmd, task_id, D.rank_env(nproc_per_node or 1, device or _device_of(body)), node_rank == 0)
+        return
     if as_json:
         sink: Any = ev.CallbackSink(lambda e: typer.echo(e.to_json()))
     else:

@@ -448,11 +448,13 @@ def catch_signals(d: Dist) -> Iterator[None]:
 
 def torchrun_command(args: Sequence[str], *, nproc_per_node: int, nnodes: str | int = 1, node_rank: int = 0,
                      master_addr: str | None = None, master_port: int | None = None,
-                     rdzv_endpoint: str | None = None, run_id: str | None = None) -> list[str]:
-    """The torchrun command that runs ``python -m slmb ARGS`` on ``nproc_per_node`` processes here.
+                     rdzv_endpoint: str | None = None, run_id: str | None = None,
+                     module: str = "slmb") -> list[str]:
+    """The torchrun command that runs ``python -m MODULE ARGS`` on ``nproc_per_node`` processes here.
 
-    One machine: a free local port, unless given. Several: ``rdzv_endpoint`` (host:port, c10d rendezvous; the
-    same on every machine) or ``master_addr``/``master_port`` with ``node_rank``."""
+    One machine: torchrun's standalone rendezvous on a free local port, unless an address is given. Several:
+    ``rdzv_endpoint`` (host:port of the c10d rendezvous, the same on every machine; ``run_id`` names the job) or
+    ``master_addr``/``master_port`` with ``node_rank``. No restarts: a rank that fails ends the run."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
            f"--nnodes={nnodes}", "--max-restarts=0", "--monitor-interval=0.5"]
     if rdzv_endpoint:
@@ -462,7 +464,17 @@ def torchrun_command(args: Sequence[str], *, nproc_per_node: int, nnodes: str | 
     else:
         cmd += [f"--node-rank={node_rank}", f"--master-addr={master_addr or '127.0.0.1'}",
                 f"--master-port={master_port or 29500}"]
-    return [*cmd, "-m", "slmb", *args]
+    return [*cmd, "-m", module, *args]
+
+
+def rank_env(nproc_per_node: int, device: str) -> dict[str, str]:
+    """Environment for the ranks: on the CPU, this machine's cores split between them (torchrun would give each
+    one thread and print a banner about it), unless OMP_NUM_THREADS is set."""
+    from slmb.core.runtime import cpu_cores
+
+    if "OMP_NUM_THREADS" in os.environ or (device.startswith(("cuda", "auto")) and torch.cuda.is_available()):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, cpu_cores() // max(1, nproc_per_node)))}
 
 
 def start(cmd: Sequence[str], env: Mapping[str, str] | None = None, **popen: Any) -> subprocess.Popen:
@@ -497,3 +509,49 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             time.sleep(0.05)
         if proc.poll() is not None:
             return
+
+
+def close_log(task_id: str, how: str, *, interrupted: bool = False) -> str | None:
+    """After the ranks of a run are gone: end its event log if rank 0 could not (it was killed, or lost its
+    peers mid-collective), with ``stopped`` (``interrupted``: a second Ctrl-C) or ``error`` saying ``how``; close
+    its MLflow run. Returns the terminal event's name the log now ends with (None if there is no log)."""
+    from slmb.core import events as ev
+    from slmb.core.control import FileControl
+    from slmb.core.store import latest_checkpoint, run_dir
+
+    run = run_dir(task_id)
+    if not run.events.exists():
+        return None
+    history = ev.read_events(run.events)
+    ended = next((e for e in reversed(history) if e.terminal), None)
+    if ended is not None:
+        return ended.name
+    step = next((e.step for e in reversed(history) if isinstance(e, (ev.Step, ev.Progress, ev.Checkpoint))), None)
+    control, sink = FileControl(), ev.JsonlSink(run.events)
+    try:
+        if interrupted:
+            ckpt = latest_checkpoint(run)
+            checkpoint = str(ckpt) if ckpt else None
+            sink.emit(ev.Status(task_id=task_id, state="stopped", message="interrupted"))
+            sink.emit(ev.Stopped(task_id=task_id, step=step, checkpoint=checkpoint, reason="interrupted"))
+            control.write_status(task_id, "stopped", step=step, checkpoint=checkpoint)
+            state = "stopped"
+        else:
+            message = f"a training process of this run died: {how}"
+            sink.emit(ev.Status(task_id=task_id, state="error", message=message))
+            sink.emit(ev.Error(task_id=task_id, message=message, type="ProcessDied"))
+            control.write_status(task_id, "error", message=message, error_type="ProcessDied")
+            state = "error"
+    finally:
+        sink.close()
+    from slmb.core import tracking
+
+    with contextlib.suppress(Exception):  # MLflow away: the log, which users read first, is already closed
+        tracking.end_run(task_id, state)
+    return state
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        return f"torchrun was killed by {signal.Signals(-returncode).name}"
+    return f"torchrun exited with status {returncode}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -326,17 +327,22 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
         Any setup or training error, after ``error`` has been emitted.
         KeyboardInterrupt: after ``stopped`` (reason "interrupted") has been emitted.
     """
-    from slmb.core import distributed as D
-
     own_dist = dist is None
-    if dist is None:
-        dist = D.Dist.from_env(resolve_device(_device_hint(request, overrides))) if D.launched() else D.Dist()
+    dist = dist or join_processes(request, overrides)
     try:
         return _train(request, task_id, sinks, overrides, resume, control or get_control(), track, step_every_s,
                       confined, dist)
     finally:
         if own_dist:
             dist.close()
+
+
+def join_processes(request: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None) -> Dist:
+    """In a process torchrun started, join its process group (the request's device picks NCCL or gloo);
+    otherwise one process (``Dist()``)."""
+    from slmb.core import distributed as D
+
+    return D.Dist.from_env(resolve_device(_device_hint(request, overrides))) if D.launched() else D.Dist()
 
 
 def _device_hint(request: Any, overrides: Mapping[str, Any] | None) -> str:
@@ -454,7 +460,8 @@ def _failure_message(exc: Exception, dist: Dist) -> str:
 
     peer_lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out")
     if isinstance(exc, torch.distributed.DistError) or any(marker in text for marker in peer_lost):
-        return f"another process of this run failed or was killed (torch.distributed: {text.splitlines()[0]})"
+        detail = re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0] if text else type(exc).__name__)  # gloo's source
+        return f"another process of this run failed or was killed (torch.distributed: {detail})"
     return text
 
 
