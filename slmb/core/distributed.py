@@ -149,10 +149,15 @@ class Dist:
             fully_shard(model, mp_policy=mp)
             self._wrapped = model
             return lambda x, y: model(x, targets=y)
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True, forward_sync_buffers=False)
+        # The buffers (rotary tables) are the same on every rank: no per-forward broadcast. torch 2.13 renamed it.
+        quiet = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else "broadcast_buffers"
+        ddp = DDP(model, device_ids=ids, gradient_as_bucket_view=True, **{quiet: False})
         self._wrapped = ddp
         fn = torch.compile(ddp) if compile_ else ddp
         return lambda x, y: fn(x, targets=y)
