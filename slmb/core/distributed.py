@@ -496,10 +496,13 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
     import ctypes
 
+    parent = os.getppid()
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-    except OSError:
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
         return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
 
 
 def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
