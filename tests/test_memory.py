@@ -315,3 +315,204 @@ def test_service_setting(monkeypatch):
     monkeypatch.setenv("SLMB_WORKER_MEMORY", "plenty")
     with pytest.raises(ValueError, match="not a memory size: 'plenty'"):
         Settings.from_env()
+
+
+# -- several devices (docs/distributed.md) ---------------------------------------------------------------------
+
+def big_llama(B: int = 8, **config: Any) -> dict[str, Any]:
+    """~0.5 B parameters whose states dominate at 1 row of 64 tokens per device, judged for a CUDA worker."""
+    return canvas(E=1024, V=32000, blocks=24, B=B, T=64, llama=True, device="cuda", dtype="bf16", **config)
+
+
+def per_device(body: dict[str, Any], world_size: int, strategy: str | None) -> memory.MemoryEstimate:
+    from slmb.core.validate import summarize
+
+    report = validate(body, build=False)
+    assert report.ok, report.errors
+    return summarize(report.plan, world_size=world_size, strategy=strategy).estimate
+
+
+def test_fsdp_shards_the_states_and_gathers_one_block_at_a_time():
+    body = big_llama()
+    ddp, fsdp = per_device(body, 8, "ddp"), per_device(body, 8, "fsdp")
+    P, E, V = ddp.parameters, 1024, 32000
+    root = 2 * V * E + E  # embedding, untied head, final RMSNorm: outside the 24 block copies
+    block = (P - root) // 24
+    assert block * 24 + root == P and block == 2 * E + E * E + 2 * E * 512 + E * E + 3 * E * 3072
+    states = ("weights", "gradients", "adamw_states")
+    assert [ddp.terms[k] for k in states] == [4 * P, 4 * P, 8 * P]
+    assert [fsdp.terms[k] for k in states] == [4 * -(-P // 8), 4 * -(-P // 8), 8 * -(-P // 8)]
+    # bf16 gathers: the root group and two block copies; one copy's gradients and the root's; the fp32
+    # reduce-scatter buffer of the larger group; no autocast weight copies (the parameters come in bf16)
+    assert fsdp.terms["unsharded_params"] == (root + 2 * block) * 2
+    assert fsdp.terms["unsharded_grads"] == (root + block) * 2
+    assert fsdp.terms["reduce_scatter"] == 4 * max(root, block)
+    assert fsdp.terms["weight_casts"] == 0 < ddp.terms["weight_casts"] == 2 * (P - V * E - 24 * 2 * E - E)
+    assert ddp.terms["ddp_buckets"] == 4 * P and "ddp_buckets" not in fsdp.terms  # the second step's rebuilt set
+    # each device holds 1 of the 8 rows either way: the same activations and loss head
+    assert (ddp.batch_rows, fsdp.batch_rows) == (1, 1)
+    assert fsdp.terms["activations"] == ddp.terms["activations"]
+    # the model's part shrinks by more than half the device count (the unsharded groups do not shrink)
+    ratio = (ddp.peak - ddp.terms["runtime"]) / (fsdp.peak - fsdp.terms["runtime"])
+    assert 4 < ratio < 8, ratio
+    peaks = [per_device(body, W, "fsdp").peak for W in (2, 4, 8)]
+    assert peaks == sorted(peaks, reverse=True) and peaks[-1] == fsdp.peak
+    text = memory.check(fsdp, 1 << 30, "SLMB_WORKER_MEMORY")
+    assert text.startswith(f"training needs about {memory.human_bytes(fsdp.peak)} of memory on each GPU with FSDP "
+                           "over 8 processes at its peak (weights ")
+    assert "unsharded params" in text and "reduce scatter" in text
+    assert memory.hint(fsdp).startswith("train on more devices")
+
+
+def test_activation_checkpointing_keeps_each_block_input_and_recomputes_one_block():
+    E, B, T = 128, 16, 128
+    N = B * T
+    plain = {n: estimate_of(canvas(E=E, blocks=n, B=B, T=T)) for n in (7, 8)}
+    ckpt = {n: estimate_of(canvas(E=E, blocks=n, B=B, T=T, activation_checkpointing=True)) for n in (7, 8)}
+    copy = plain[8].terms["activations"] - plain[7].terms["activations"]  # what one block copy saves
+    assert copy > 20 * N * E * 4 > 0
+    # 8 copies keep their fp32 input; one copy's activations exist again while its backward recomputes them
+    assert ckpt[8].terms["activations"] == plain[8].terms["activations"] - 7 * copy + 8 * N * E * 4
+    assert ckpt[8].terms["activations"] - ckpt[7].terms["activations"] == N * E * 4  # a block more: its input
+    assert ckpt[8].peak < plain[8].peak and ckpt[8].checkpointing and not plain[8].checkpointing
+    assert ckpt[8].terms["weights"] == plain[8].terms["weights"]
+    # it lowers every strategy's estimate, and the hint stops suggesting it once it is on
+    body = big_llama(B=64)
+    for strategy in ("ddp", "fsdp"):
+        on = per_device({**body, "config": {**body["config"], "activation_checkpointing": True}}, 8, strategy)
+        off = per_device(body, 8, strategy)
+        assert on.terms["activations"] < off.terms["activations"] / 4
+        assert "activation_checkpointing" in memory.hint(off) and "activation_checkpointing" not in memory.hint(on)
+
+
+def test_one_process_numbers_do_not_depend_on_the_distributed_keys():
+    body = canvas(E=64, V=257, blocks=2, B=4, T=32)
+    base = estimate_of(body)
+    for extra in ({"distributed": "fsdp"}, {"distributed": "ddp"}):
+        other = estimate_of({**body, "config": {**body["config"], **extra}})
+        assert other.terms == base.terms and other.strategy is None
+    assert validate(body, world_size=1).summary.memory == validate(body).summary.memory
+    assert list(base.terms) == ["weights", "gradients", "adamw_states", "best_weights", "activations", "loss_head",
+                                "weight_casts", "runtime"]
+    assert (base.world_size, base.strategy, base.batch_rows, base.demand) == (1, None, 4, base.peak)
+
+
+def test_choose_strategy_follows_the_limit(monkeypatch):
+    from slmb.core.spec import TrainRequest
+    from slmb.core.validate import choose_strategy
+
+    body = big_llama(B=8)
+    request = TrainRequest.model_validate(body)
+    ddp, fsdp = per_device(body, 4, "ddp").peak, per_device(body, 4, "fsdp").peak
+    assert fsdp < ddp / 2
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", str(ddp))
+    assert choose_strategy(request, "cuda", 4) == "ddp"
+    one = per_device(body, 1, "ddp").peak  # all 8 rows on one device
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", str(one))
+    assert choose_strategy(request, "cuda", 1) == "ddp"
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", str(fsdp // 2))
+    with pytest.raises(memory.MemoryLimitError, match=r"not even FSDP \(full sharding over 1 device\) fits"):
+        choose_strategy(request, "cuda", 1)
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", str(ddp - 1))
+    assert choose_strategy(request, "cuda", 4) == "fsdp"
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", str(fsdp))
+    assert choose_strategy(request, "cuda", 4) == "fsdp"
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", str(fsdp - 1))
+    with pytest.raises(memory.MemoryLimitError) as exc:
+        choose_strategy(request, "cuda", 4)
+    text = str(exc.value)
+    assert text.startswith("distributed 'auto': not even FSDP (full sharding over 4 devices) fits: training needs "
+                           f"about {memory.human_bytes(fsdp)} of memory on each GPU with FSDP over 4 processes")
+    assert f"more than the {memory.human_bytes(fsdp - 1)} a worker may use (SLMB_WORKER_MEMORY)" in text
+    assert "To fit: train on more devices" in text and "activation_checkpointing: true" in text
+    assert "lower batch_size" in text and "context_length" in text
+    for wanted in ("ddp", "fsdp"):  # asked for by name: taken as is (admission judges whether it fits)
+        named = TrainRequest.model_validate({**body, "config": {**body["config"], "distributed": wanted}})
+        assert choose_strategy(named, "cuda", 4) == wanted
+
+
+def test_validate_for_several_devices(monkeypatch):
+    from slmb.core.spec import TrainRequest
+    from slmb.core.validate import memory_refusal
+
+    monkeypatch.delenv("SLMB_WORKER_MEMORY", raising=False)
+    body = big_llama(B=8)
+    ddp, fsdp = per_device(body, 4, "ddp").peak, per_device(body, 4, "fsdp").peak
+    report = validate(body, world_size=4, admit=True, memory_limit=ddp)
+    assert report.ok and report.summary.memory["strategy"] == "ddp"
+    report = validate(body, world_size=4, admit=True, memory_limit=ddp - 1)
+    m = report.summary.memory
+    assert report.ok and (m["strategy"], m["world_size"], m["device_batch_size"]) == ("fsdp", 4, 2)
+    assert m["training_total"] == fsdp and m["weights_fp32"] == 4 * report.summary.total_parameters
+    [error] = validate(body, world_size=4, admit=True, memory_limit=fsdp - 1).errors
+    assert error.check == "memory" and error.path == "/model" and "with FSDP over 4 processes" in error.message
+    assert error.found == memory.human_bytes(fsdp) and error.hint.startswith("train on more devices")
+    # the trainer's own check on one rank, with the strategy it resolved
+    request = TrainRequest.model_validate(body)
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", str(fsdp - 1))
+    refusal = memory_refusal(request, "cuda", world_size=4, strategy="fsdp")
+    assert refusal.startswith("training needs about") and ". To fit: train on more devices" in refusal
+    assert memory_refusal(request, "cuda", world_size=4) == refusal  # auto: FSDP, the smaller
+    monkeypatch.setenv("SLMB_WORKER_MEMORY", str(fsdp))
+    assert memory_refusal(request, "cuda", world_size=4, strategy="fsdp") is None
+    assert "set distributed: fsdp" in memory_refusal(request, "cuda", world_size=4, strategy="ddp")
+
+
+def test_cpu_processes_share_the_ram():
+    body = canvas(E=128, V=4096, blocks=2)
+    one = per_device(body, 2, "ddp")
+    assert one.demand == 2 * one.peak
+    report = validate({**body, "config": {**body["config"], "distributed": "ddp"}}, world_size=2, admit=True,
+                      memory_limit=one.peak + 1)
+    [error] = report.errors
+    assert error.message.startswith(f"training needs about {memory.human_bytes(one.peak)} of RAM per process with "
+                                    "DDP over 2 processes at its peak (weights ")
+    assert f"), {memory.human_bytes(2 * one.peak)} for the 2 processes that share this RAM, more than" in error.message
+    assert validate(body, world_size=2, admit=True, memory_limit=2 * one.peak).ok
+
+
+def test_batch_size_must_split_over_the_processes():
+    body = canvas(B=6)
+    [error] = validate(body, world_size=4).errors
+    assert (error.path, error.check, error.found, error.expected) == ("/config/batch_size", "distributed", 6,
+                                                                      "a multiple of 4")
+    assert "batch_size is the global batch" in error.message and "batch_size / 4 rows each" in error.message
+    assert error.hint.startswith("use batch_size 4 or 8")
+    assert validate(canvas(B=2), world_size=4).errors[0].hint.startswith("use batch_size 4 (")
+    assert validate(body, world_size=3).ok and validate(body, world_size=2).ok and validate(body).ok
+
+
+def test_http_admission_judges_the_worker_processes(service, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from slmb.api.app import Settings, create_app
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", service.mlflow_uri)
+    monkeypatch.setenv("SLMB_NPROC_PER_NODE", "4")
+    body = big_llama(B=8)
+    fsdp = per_device(body, 4, "fsdp").peak
+    app = create_app(Settings(redis_url=service.redis_url, worker_memory_bytes=fsdp - 1))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.post("/api/v1/train-complete-model", json=big_llama(B=6))
+        assert resp.status_code == 422, resp.text
+        assert [(e["path"], e["check"]) for e in resp.json()["errors"]] == [("/config/batch_size", "distributed")]
+        resp = client.post("/api/v1/train-complete-model", json=body)
+        assert resp.status_code == 422, resp.text
+        [error] = resp.json()["errors"]
+        assert error["check"] == "memory" and "with FSDP over 4 processes" in error["message"]
+
+
+def test_distributed_memory_table():
+    """bench/distributed_memory.py: the four reference canvases, nine runs each, from the estimator alone."""
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "distributed_memory.py")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "SLMB_SHARED_DIR": str(shared_dir())}, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.stdout.splitlines()[2:]]
+    assert len(rows) == 4 * 9
+    names = [r[0].strip("| ") for r in rows[::9]]
+    assert names == ["GPT-2 (0.16 B)", "Qwen3 0.6B (0.60 B)", "Llama 3.2 1B (1.24 B)", "Llama 2 7B (6.74 B)"]
+    llama2 = {r[1]: (float(r[3].replace(",", "")), r[4], r[2]) for r in rows[27:]}
+    assert llama2["one device"][1] == "✗ ✓" and llama2["FSDP × 2"][1] == "✓ ✓" and llama2["DDP × 8"][2] == "8 × 256"
+    for canvas_rows in (rows[i:i + 9] for i in range(0, 36, 9)):
+        gib = {r[1]: float(r[3].replace(",", "")) for r in canvas_rows}
+        assert gib["FSDP × 8"] < gib["FSDP × 4"] < gib["FSDP × 2"] < gib["DDP × 2"] == gib["DDP × 8"]

@@ -1,6 +1,6 @@
 """Admission control (DESIGN.md §2.3): the peak memory of a training run, and what a worker may use.
 
-``estimate`` reads the compiler's plan and the parameter count of the meta-device build (validation has both)
+``estimate`` reads the compiler's plan and the parameter counts of the meta-device build (validation has both)
 and adds up what the trainer holds at its peak, the second optimizer step (the AdamW states exist by then):
 
     weights + gradients + AdamW (exp_avg, exp_avg_sq)           4 bytes per parameter each (fp32 master copies)
@@ -12,6 +12,12 @@ and adds up what the trainer holds at its peak, the second optimizer step (the A
                       + the loss head (SLM.loss) + bf16/fp16 copies of the weights autocast makes
       evaluation    = the largest tensors alive at once in a no-grad forward
 
+With ``activation_checkpointing`` each transformer-block copy keeps only its input for backward, and one copy's
+activations exist again while its backward recomputes them. Several processes (``world_size`` W, per device):
+the micro-batch is batch_size / W rows; DDP adds its rebuilt gradient buckets to a full replica; FSDP2 shards
+weights, gradients and AdamW states 1/W and adds what is unsharded at once (the root group, two block copies'
+parameters, one copy's gradients and the fp32 reduce-scatter buffer). docs/distributed.md has the table.
+
 Gradients are counted whole while every activation is still saved: backward frees activations as it fills
 gradients, so the sum is an upper bound (by at most the gradients), as is counting every node's output as saved.
 docs/memory.md derives each term and compares the estimate with measured peaks.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slmb.core.compiler import Plan, PlanNode
@@ -34,6 +41,7 @@ RUNTIME_BYTES = {"cpu": 768 << 20, "cuda": 1 << 30}
 # and the page cache: an estimate that fits in all of RAM would still push the machine into the OOM killer.
 RESERVE_SHARE = 0.1
 MIN_RESERVE = 2 << 30
+STRATEGIES = ("ddp", "fsdp")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
 
@@ -47,18 +55,38 @@ class MemoryEstimate:
     device: str  # "cpu" or "cuda": which memory the terms are in
     dtype: str  # the compute precision the trainer will use there
     parameters: int
-    terms: dict[str, int]  # bytes; their sum is the peak
+    terms: dict[str, int]  # bytes on one device; their sum is the peak
     training_pass: int  # activations + loss_head + weight_casts
     evaluation_pass: int
+    world_size: int = 1
+    strategy: str | None = None  # None: one process; "ddp" or "fsdp": the terms are one device's of world_size
+    checkpointing: bool = False  # activation_checkpointing
+    batch_rows: int = 0  # rows of the micro-batch on one device: batch_size, or batch_size / world_size
 
     @property
     def peak(self) -> int:
+        """Bytes on one device (per process) at the peak."""
         return sum(self.terms.values())
 
     @property
+    def demand(self) -> int:
+        """What the limit is compared with: CPU processes (gloo) share the machine's RAM, GPUs have their own."""
+        return self.peak * (self.world_size if self.strategy and self.device == "cpu" else 1)
+
+    @property
     def per_parameter(self) -> int:
-        """Weights, gradients, AdamW states and the best-weights copy: what only a smaller model reduces."""
-        return sum(self.terms[k] for k in ("weights", "gradients", "adamw_states", "best_weights"))
+        """Weights, gradients, AdamW states, the best-weights copy and what FSDP/DDP hold besides: what only a
+        smaller model (or, under FSDP, more devices) reduces."""
+        return sum(self.terms.get(k, 0) for k in ("weights", "gradients", "adamw_states", "best_weights",
+                                                   "unsharded_params", "unsharded_grads", "reduce_scatter",
+                                                   "ddp_buckets"))
+
+    @property
+    def where(self) -> str:
+        """How the run is spread, for messages: "" for one process."""
+        if not self.strategy:
+            return ""
+        return f"{self.strategy.upper()} over {self.world_size} process{'es' if self.world_size > 1 else ''}"
 
     def breakdown(self) -> str:
         return ", ".join(f"{name.replace('_', ' ')} {human_bytes(n)}" for name, n in self.terms.items() if n)
@@ -147,59 +175,123 @@ def worker_memory(device: str = "cpu", setting: int | str | None = None) -> tupl
 # ---------------------------------------------------------------------------------------------------- estimate
 
 
-def estimate(p: Plan, parameters: int, matrix_parameters: int, device: str | None = None) -> MemoryEstimate:
-    """The peak memory of training ``p`` (see the module docstring).
+def estimate(p: Plan, parameters: int, matrix_parameters: int, device: str | None = None, *, world_size: int = 1,
+             strategy: str | None = None, block_parameters: Sequence[int] = ()) -> MemoryEstimate:
+    """The peak memory of training ``p`` on one device (see the module docstring).
 
     Args:
-        p: the compiler's plan of a valid request.
+        p: the compiler's plan of a valid request (``config.activation_checkpointing`` is read from it).
         parameters: the model's parameters (tied weights once), from the meta-device build.
         matrix_parameters: the weights of its nn.Linear layers (what autocast casts to bf16/fp16).
         device: where it will train (default: the request's ``config.device``).
+        world_size: processes (devices) of a distributed run.
+        strategy: None for one process, "ddp" (a replica per device) or "fsdp" (FSDP2, sharded per block copy).
+        block_parameters: each transformer-block copy's parameters, in order (FSDP gathers one copy at a time);
+            required for "fsdp" when the model has blocks. ``validate.summarize`` passes them.
     """
+    if strategy not in (None, *STRATEGIES):
+        raise ValueError(f"strategy must be None, 'ddp' or 'fsdp', got {strategy!r}")
     cfg = p.request.config
     device = device or cfg.device
     kind = device_kind(device)
     dtype = _compute_dtype(cfg.dtype, kind, parameters)
     low = dtype != "fp32"
-    N = cfg.batch_size * cfg.context_length
-    acts = _Activations(kind, 2 if low else 4, cfg.batch_size, cfg.context_length)
-    trunk = _expanded(p.nodes)
-    head = trunk.pop() if trunk and trunk[-1].type == "linear" else None
-    saved = [acts.saved(n) for n in trunk]
+    s = 2 if low else 4  # bytes of a compute-precision element
+    W = world_size if strategy else 1
+    B = -(-cfg.batch_size // W)  # the global batch is split over the processes
+    N = B * cfg.context_length
+    ckpt = bool(cfg.activation_checkpointing)
+    acts = _Activations(kind, s, B, cfg.context_length)
+    trunk, copies = _trunk(p.nodes)
+    if strategy == "fsdp" and copies and len(block_parameters) != len(copies):
+        raise ValueError(f"fsdp needs the parameters of each of the {len(copies)} block copies, got "
+                         f"{len(block_parameters)}")
+    head = trunk.pop() if p.nodes and p.nodes[-1].type == "linear" else None
+    memo: dict[int, int] = {}  # block copies repeat the same plan nodes
+
+    def saved(n: PlanNode) -> int:
+        if id(n) not in memo:
+            memo[id(n)] = acts.saved(n)
+        return memo[id(n)]
+
+    kept = [saved(n) for n in trunk]
     # While a node's backward runs, its input gradients and temporaries take about what it saved.
-    activations = sum(saved) + max(saved, default=0)
+    activations = sum(kept) + max(kept, default=0)
+    if ckpt and copies:
+        # Each copy keeps only its (fp32) input; backward recomputes one copy's activations at a time.
+        per_copy = [sum(saved(n) for n in nodes) for _, nodes in copies]
+        activations += (sum(N * width * 4 for width, _ in copies) + max(per_copy) - sum(per_copy))
     if head is not None:
         loss = _loss_head(head, N, kind, low, bool(cfg.compile), tied=head.args["weight_tying"])
     else:  # no linear head: full logits and F.cross_entropy (logits, their fp32 copy, log-softmax, its gradient)
         loss = N * (p.vocab_size or 0) * (acts.s + 12)
-    casts = 2 * matrix_parameters if low else 0
+    # FSDP's mixed precision gathers the parameters already in the compute dtype: autocast has nothing to cast.
+    casts = 2 * matrix_parameters if low and strategy != "fsdp" else 0
     training = activations + loss + casts
     widest = max((w for n in trunk for w in (n.in_width or 0, n.out_width or 0)), default=0)
-    evaluation = (max(saved, default=0) + 2 * N * widest * 4
+    evaluation = (max(kept, default=0) + 2 * N * widest * 4
                   + _loss_head(head, N, kind, low, bool(cfg.compile), tied=False, grad=False))
-    weights = 4 * parameters
     passes = ({"activations": activations, "loss_head": loss, "weight_casts": casts} if training >= evaluation
               else {"evaluation": evaluation})
+    held = -(-parameters // W) if strategy == "fsdp" else parameters  # this device's share of each state
+    weights = 4 * held
     terms = {"weights": weights, "gradients": weights, "adamw_states": 2 * weights,
-             "best_weights": weights if cfg.early_stopping_patience is not None else 0, **passes,
-             "runtime": RUNTIME_BYTES[kind]}
-    return MemoryEstimate(kind, dtype, parameters, terms, training, evaluation)
+             "best_weights": weights if cfg.early_stopping_patience is not None else 0}
+    if strategy == "fsdp":
+        # The root group (everything outside the block copies) stays gathered from forward through backward;
+        # a block copy is gathered for its forward and again for its backward, the next one prefetched meanwhile;
+        # gradients exist unsharded for the root and the copy in backward, then are copied into an fp32 flat
+        # buffer to be reduce-scattered (the root's at the very end, when no copy's remain).
+        root = parameters - sum(block_parameters)
+        largest = max(block_parameters, default=0)
+        terms |= {"unsharded_params": (root + 2 * largest) * s, "unsharded_grads": (root + largest) * s,
+                  "reduce_scatter": 4 * max(root, largest)}
+    elif strategy == "ddp":
+        # With gradient_as_bucket_view the gradients are views into DDP's buckets, which live from the wrapping on
+        # (counted as the gradients). After the first step DDP rebuilds the buckets once, in the order gradients
+        # became ready, and the second step's forward runs with both sets allocated: measured on an H200
+        # (docs/distributed.md), 4 bytes per parameter above the steps after it.
+        terms["ddp_buckets"] = weights
+    terms |= {**passes, "runtime": RUNTIME_BYTES[kind]}
+    return MemoryEstimate(kind, dtype, parameters, terms, training, evaluation, W, strategy, ckpt, B)
 
 
 def check(est: MemoryEstimate, limit: int, source: str) -> str | None:
     """None when ``est`` fits in ``limit``; else the message that says so (``hint`` says what to change)."""
-    if est.peak <= limit:
+    if est.demand <= limit:
         return None
-    return (f"training needs about {human_bytes(est.peak)} of {'GPU' if est.device == 'cuda' else 'RAM'} at its "
-            f"peak ({est.breakdown()}), more than the {human_bytes(limit)} a worker may use ({source})")
+    if not est.strategy:
+        memory = "GPU" if est.device == "cuda" else "RAM"
+        return (f"training needs about {human_bytes(est.peak)} of {memory} at its peak ({est.breakdown()}), more "
+                f"than the {human_bytes(limit)} a worker may use ({source})")
+    if est.device == "cuda":
+        return (f"training needs about {human_bytes(est.peak)} of memory on each GPU with {est.where} at its peak "
+                f"({est.breakdown()}), more than the {human_bytes(limit)} a worker may use ({source})")
+    return (f"training needs about {human_bytes(est.peak)} of RAM per process with {est.where} at its peak "
+            f"({est.breakdown()}), {human_bytes(est.demand)} for the {est.world_size} processes that share this "
+            f"RAM, more than the {human_bytes(limit)} a worker may use ({source})")
 
 
 def hint(est: MemoryEstimate) -> str:
-    batch = ("lower batch_size (grad_accum_steps keeps the effective batch) or context_length"
+    checkpointing = "" if est.checkpointing else ", or set activation_checkpointing: true"
+    if est.strategy == "fsdp":
+        batch = (f"lower batch_size (the global batch: {est.batch_rows} rows per device now; grad_accum_steps keeps "
+                 f"the effective batch) or context_length{checkpointing}")
+        devices = (f"train on more devices (weights, gradients and AdamW states are split over them: "
+                   f"{human_bytes(est.terms['weights'] * 4)} per device over {est.world_size})")
+        model = "use fewer or narrower blocks, a smaller embedding width or vocabulary"
+        first, second = (devices, batch) if est.per_parameter >= est.training_pass else (batch, devices)
+        return f"{first}; or {second}; or {model}"
+    batch = ("lower batch_size (grad_accum_steps keeps the effective batch) or context_length" + checkpointing
              + ("" if est.dtype != "fp32" else ", train in bf16 where the device supports it"))
     model = ("use fewer or narrower blocks, a smaller embedding width or vocabulary (4 bytes x 4 per parameter "
              "for weights, gradients and AdamW)")
     first, second = (model, batch) if est.per_parameter >= est.training_pass else (batch, model)
+    if est.strategy == "ddp":
+        shard = (f"set distributed: fsdp (each of the {est.world_size} devices then holds 1/{est.world_size} of "
+                 "the weights, gradients and AdamW states instead of a full replica)")
+        first, second = (shard, f"{first}; or {second}") if est.per_parameter >= est.training_pass else (
+            first, f"{shard}; or {second}")
     return f"{first}; or {second}; or train on a machine with more memory (SLMB_WORKER_MEMORY sets the limit)"
 
 
@@ -218,6 +310,22 @@ def _expanded(nodes: list[PlanNode]) -> list[PlanNode]:
     for n in nodes:
         out.extend(_expanded(n.children) * n.repeat if n.type == "transformerBlock" else [n])
     return out
+
+
+def _trunk(nodes: list[PlanNode]) -> tuple[list[PlanNode], list[tuple[int, list[PlanNode]]]]:
+    """(every node the forward runs, in order; each top-level block copy as (input width, its nodes)). A
+    top-level block copy is the unit that FSDP shards and activation checkpointing recomputes (Repeat.blocks)."""
+    trunk: list[PlanNode] = []
+    copies: list[tuple[int, list[PlanNode]]] = []
+    for n in nodes:
+        if n.type != "transformerBlock":
+            trunk.append(n)
+            continue
+        copy = _expanded(n.children)
+        for _ in range(n.repeat):
+            copies.append((n.in_width or 0, copy))
+            trunk.extend(copy)
+    return trunk, copies
 
 
 @dataclass

@@ -94,12 +94,15 @@ def pointer(*parts: Any) -> str:
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
 
 
-def validate(body: Any, *, build: bool = True, admit: bool = False, memory_limit: int | None = None) -> Report:
+def validate(body: Any, *, build: bool = True, admit: bool = False, memory_limit: int | None = None,
+             world_size: int = 1) -> Report:
     """Validate a request body (the parsed JSON). Never raises for bad input: problems go into the report.
 
     ``admit``: also refuse a run whose estimated peak memory (``summary.memory``) is more than ``memory_limit``
     bytes, or without one, than a worker here may use (``memory.worker_memory``: $SLMB_WORKER_MEMORY or the
-    machine's RAM / GPU memory)."""
+    machine's RAM / GPU memory). ``world_size``: the run will train on that many processes (devices); the
+    estimate is then one device's, for ``config.distributed`` (for "auto", DDP when a replica fits the limit,
+    else FSDP) and ``batch_size`` must split evenly over them."""
     report = Report()
     depth_issue = _too_deep(body)
     if depth_issue:
@@ -118,8 +121,11 @@ def validate(body: Any, *, build: bool = True, admit: bool = False, memory_limit
         for issue in fn(report.plan):
             issue.check = name
             (report.errors if issue.severity == "error" else report.warnings).append(issue)
+    if world_size > 1:
+        report.errors.extend(_split_batch(report.request.config.batch_size, world_size))
     if report.ok and build:
-        report.summary = summarize(report.plan)
+        report.summary = (summarize(report.plan) if world_size <= 1
+                          else _resolved_summary(report.plan, None, world_size, memory_limit))
         if admit:
             report.errors.extend(admission(report.summary, memory_limit))
         weights = report.summary.memory["weights_fp32"]
@@ -131,7 +137,8 @@ def validate(body: Any, *, build: bool = True, admit: bool = False, memory_limit
 
 
 def admission(summary: Summary, limit: int | None = None) -> list[Issue]:
-    """The memory error of a model whose estimated peak is over ``limit`` (see ``validate``), or none."""
+    """The memory error of a model whose estimated peak is over ``limit`` (see ``validate``), or none. The
+    estimate is the summary's: one process, or one device of its distributed strategy."""
     from slmb.core import memory
 
     est = summary.estimate
@@ -140,15 +147,73 @@ def admission(summary: Summary, limit: int | None = None) -> list[Issue]:
     if message is None:
         return []
     return [Issue("/model" if est.per_parameter >= est.training_pass else "/config/batch_size", message,
-                  expected=f"<= {memory.human_bytes(limit)}", found=memory.human_bytes(est.peak),
+                  expected=f"<= {memory.human_bytes(limit)}", found=memory.human_bytes(est.demand),
                   hint=memory.hint(est), check="memory")]
 
 
-def memory_refusal(request: TrainRequest, device: str | None = None) -> str | None:
+def memory_refusal(request: TrainRequest, device: str | None = None, *, world_size: int = 1,
+                   strategy: str | None = None) -> str | None:
     """The trainer's own admission check on the device it resolved (a worker may have less memory than the API
-    that queued the run assumed): why the run cannot fit, and what to change; None when it fits."""
-    issues = admission(summarize(plan(request), device))
+    that queued the run assumed): why the run cannot fit, and what to change; None when it fits. With
+    ``world_size`` > 1 and no ``strategy``, the strategy ``choose_strategy`` would pick is judged."""
+    p = plan(request)
+    if strategy is None and world_size > 1:
+        summary = _resolved_summary(p, device, world_size, None)
+    else:
+        summary = summarize(p, device, world_size=world_size, strategy=strategy)
+    issues = admission(summary)
     return f"{issues[0].message}. To fit: {issues[0].hint}" if issues else None
+
+
+def choose_strategy(request: TrainRequest, device: str | None, world_size: int) -> str:
+    """How a run on ``world_size`` processes trains: "ddp" or "fsdp". ``config.distributed`` when it names one;
+    for "auto", DDP when a full replica fits the worker's memory (``memory.worker_memory(device)``): it
+    communicates least; else FSDP, which shards weights, gradients and AdamW states over the devices.
+
+    Raises:
+        memory.MemoryLimitError: "auto", and not even FSDP over ``world_size`` devices fits.
+    """
+    from slmb.core import memory
+
+    if request.config.distributed != "auto":
+        return request.config.distributed
+    est = _resolved_summary(plan(request), device, world_size, None).estimate
+    limit, source = memory.worker_memory(device or request.config.device)
+    message = memory.check(est, limit, source)
+    if message is not None:
+        devices = f"{world_size} device{'s' if world_size > 1 else ''}"
+        raise memory.MemoryLimitError(f"distributed 'auto': not even FSDP (full sharding over {devices}) fits: "
+                                      f"{message}. To fit: {memory.hint(est)}")
+    return est.strategy
+
+
+def _resolved_summary(p: Plan, device: str | None, world_size: int, limit: int | None) -> Summary:
+    """The summary for ``world_size`` processes under ``config.distributed``; "auto" is DDP when its estimate
+    fits ``limit`` (default: what a worker may use), else FSDP (even when that does not fit either: admission,
+    or choose_strategy, says so)."""
+    from slmb.core import memory
+
+    wanted = p.request.config.distributed
+    built = meta_build(p)
+    if wanted != "auto":
+        return summarize(p, device, world_size=world_size, strategy=wanted, built=built)
+    ddp = summarize(p, device, world_size=world_size, strategy="ddp", built=built)
+    limit, source = memory.worker_memory(device or p.request.config.device, limit)
+    if memory.check(ddp.estimate, limit, source) is None:
+        return ddp
+    return summarize(p, device, world_size=world_size, strategy="fsdp", built=built)
+
+
+def _split_batch(batch_size: int, world_size: int) -> list[Issue]:
+    if batch_size % world_size == 0:
+        return []
+    lower, upper = batch_size // world_size * world_size, -(-batch_size // world_size) * world_size
+    options = " or ".join(str(b) for b in (lower, upper) if b)
+    return [Issue("/config/batch_size", f"batch_size {batch_size} does not split evenly over {world_size} "
+                  f"processes: batch_size is the global batch, {world_size} processes take batch_size / "
+                  f"{world_size} rows each", expected=f"a multiple of {world_size}", found=batch_size,
+                  hint=f"use batch_size {options} (grad_accum_steps keeps a larger effective batch)",
+                  check="distributed")]
 
 
 def require_valid(body: Any) -> Report:
@@ -581,16 +646,26 @@ def check_model_name(p: Plan) -> Iterator[Issue]:
 
 # -- summary ------------------------------------------------------------------------------------------------
 
-def summarize(p: Plan, device: str | None = None) -> Summary:
-    """Build on the meta device (no memory) and report parameters, output shapes and a memory estimate."""
+@dataclass
+class MetaBuild:
+    """What the meta-device build tells the summary: parameters per node and per block copy."""
+
+    rows: list[NodeRow]
+    total: int
+    trainable: int
+    matrices: int  # nn.Linear weights: what autocast casts
+    block_copies: list[int]  # each top-level transformer-block copy's parameters (FSDP's shard units)
+
+
+def meta_build(p: Plan) -> MetaBuild:
     from torch import nn
 
-    from slmb.core import memory
     from slmb.core import nodes as N
     from slmb.core.compiler import build_model
 
     model = build_model(p, device="meta")
     rows: list[NodeRow] = []
+    copies: list[int] = []
     emb_weight = next((m.weight for m in model.modules() if isinstance(m, N.TokenEmbedding)), None)
 
     def visit(pnodes: list[PlanNode], layers, depth: int) -> None:
@@ -600,6 +675,8 @@ def summarize(p: Plan, device: str | None = None) -> Summary:
                 params = sum(t.numel() for t in layer.parameters())
                 rows.append(NodeRow(pn.ptr, pn.type, name, _shape(pn.out_width), params, depth, pn.repeat,
                                     f"{pn.repeat} × {params // max(pn.repeat, 1):,}"))
+                if depth == 0:
+                    copies.extend(sum(t.numel() for t in block.parameters()) for block in layer.blocks)
                 visit(pn.children, layer.blocks[0].layers, depth + 1)
                 continue
             own = sum(t.numel() for t in layer.parameters(recurse=True))
@@ -616,16 +693,28 @@ def summarize(p: Plan, device: str | None = None) -> Summary:
             rows.append(NodeRow(pn.ptr, pn.type, name, _shape(pn.out_width), own, depth, 1, note))
 
     visit(p.nodes, model.chain.layers, 0)
-    total = model.num_parameters()
     matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    est = memory.estimate(p, total, matrices, device)
+    return MetaBuild(rows, model.num_parameters(), model.num_parameters(trainable_only=True), matrices, copies)
+
+
+def summarize(p: Plan, device: str | None = None, *, world_size: int = 1, strategy: str | None = None,
+              built: MetaBuild | None = None) -> Summary:
+    """Build on the meta device (no memory) and report parameters, output shapes and a memory estimate: of one
+    process, or with ``strategy`` ("ddp", "fsdp") of one device of ``world_size``. ``built``: a meta build of
+    ``p`` already made (one build serves several strategies)."""
+    from slmb.core import memory
+
+    b = built or meta_build(p)
+    est = memory.estimate(p, b.total, b.matrices, device, world_size=world_size, strategy=strategy,
+                          block_parameters=b.block_copies)
     c = p.request.config
     t = est.terms
-    mem = {"weights_fp32": t["weights"], "weights_bf16": total * 2,
+    mem = {"weights_fp32": 4 * b.total, "weights_bf16": b.total * 2,
            "training_states": t["weights"] + t["gradients"] + t["adamw_states"], **t, "training_total": est.peak,
-           "device": est.device, "dtype": est.dtype, "batch_size": c.batch_size, "context_length": c.context_length}
-    return Summary(total, model.num_parameters(trainable_only=True), rows, mem, p.vocab_size or 0, p.context_length,
-                   est)
+           "device": est.device, "dtype": est.dtype, "batch_size": c.batch_size, "context_length": c.context_length,
+           "world_size": est.world_size, "strategy": est.strategy, "device_batch_size": est.batch_rows,
+           "activation_checkpointing": est.checkpointing}
+    return Summary(b.total, b.trainable, b.rows, mem, p.vocab_size or 0, p.context_length, est)
 
 
 def _shape(width: int | None) -> str:

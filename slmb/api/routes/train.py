@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -85,6 +86,15 @@ def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> int:
     return alive
 
 
+def worker_world_size() -> int:
+    """The processes (devices) a worker trains each run on: ``slmb serve --nproc-per-node`` sets
+    $SLMB_NPROC_PER_NODE (default 1). Admission then judges one device's share, and batch_size must split."""
+    value = os.environ.get("SLMB_NPROC_PER_NODE", "").strip() or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"SLMB_NPROC_PER_NODE must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def no_worker_warning(queue: str) -> dict[str, Any]:
     """With no worker alive the run is still queued, not refused: the queue is kept in Redis (persistent under
     ``slmb serve``), whose supervisor restarts dead workers, so it runs when one is back. The client is told."""
@@ -106,7 +116,8 @@ async def train_complete_model(request: Request) -> Any:
 
     settings = request.app.state.settings
     body = await read_json_body(request)
-    report = await run_in_threadpool(validate, body, admit=True, memory_limit=settings.worker_memory_bytes)
+    report = await run_in_threadpool(validate, body, admit=True, memory_limit=settings.worker_memory_bytes,
+                                     world_size=worker_world_size())
     if report.request is not None:  # every error at once: what the caller may not name, beside the rest
         report.errors.extend(await run_in_threadpool(request_issues, report.request, settings.data_dir))
     if not report.ok:
