@@ -465,6 +465,18 @@ def _failure_message(exc: Exception, dist: Dist) -> str:
     return text
 
 
+def _build_device(req: Any, device: torch.device, strategy: str | None) -> torch.device:
+    """Where to create the weights: on the training device, as one process does (so the random initialisation
+    is the one-process one there), unless FSDP must shard a model whose whole fp32 weights would take more than
+    half of one GPU: then on the CPU, and ``fully_shard`` moves each rank's shard to its GPU."""
+    if strategy != "fsdp" or device.type != "cuda":
+        return device
+    from slmb.core.compiler import build_model
+
+    weights = 4 * build_model(req, device="meta").num_parameters()
+    return device if weights < torch.cuda.get_device_properties(device).total_memory // 2 else torch.device("cpu")
+
+
 def _num_parameters(model: nn.Module) -> int:
     """Parameters of the whole model, tied once; a sharded (FSDP) parameter counts its global size."""
     return sum(p.numel() for p in model.parameters())
@@ -521,8 +533,7 @@ class _Loop:
 
         tokenizer = load_tokenizer(cfg.tokenizer_name, paths=not self.confined)
         torch.manual_seed(cfg.seed)
-        # FSDP: built on the CPU, so each GPU only ever receives its shard (fully_shard moves it there).
-        model = build_model(req, device="cpu" if strategy == "fsdp" else device)
+        model = build_model(req, device=_build_device(req, device, strategy))
         if dist.rank:  # dropout's masks differ between ranks (rank 0 keeps the one-process stream)
             torch.manual_seed(cfg.seed + dist.rank)
         check_vocab(model.vocab_size, tokenizer)  # before any data is tokenized or step taken
