@@ -225,6 +225,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
               None, "--worker-memory", envvar="SLMB_WORKER_MEMORY", metavar="SIZE",
               help="memory a training may use, e.g. 16GiB: larger requests get a 422 (default: this machine's RAM "
                    "less a reserve, or the GPU's memory)"),
+          nproc_per_node: int | None = typer.Option(
+              None, "--nproc-per-node", min=1, envvar="SLMB_NPROC_PER_NODE",
+              help="each worker trains every run on N processes through torchrun: one per GPU (NCCL), or CPU "
+                   "processes (gloo); the API then admits a run by one device's share and a batch_size that splits "
+                   "over N (default: one process per run)"),
           log_level: str = typer.Option("info", "--log-level")) -> None:
     """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM.
     The workers and Redis it starts are restarted when they exit."""
@@ -239,7 +244,8 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        run_service(host=host, port=port, redis_url=redis_url, workers=workers, log_level=log_level)
+        run_service(host=host, port=port, redis_url=redis_url, workers=workers, log_level=log_level,
+                    nproc_per_node=nproc_per_node)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:
@@ -251,11 +257,15 @@ def worker(redis_url: str = typer.Option(..., "--redis-url", envvar="SLMB_REDIS_
            queue: list[str] = typer.Option([], "--queue", help="queue to take jobs from (repeatable; default "
                                                                "$SLMB_QUEUE or 'slmb')"),
            name: str | None = typer.Option(None, help="worker name (default: RQ's)"),
-           burst: bool = typer.Option(False, help="exit once the queues are empty")) -> None:
+           burst: bool = typer.Option(False, help="exit once the queues are empty"),
+           nproc_per_node: int | None = typer.Option(
+               None, "--nproc-per-node", min=1, envvar="SLMB_NPROC_PER_NODE",
+               help="train every run on N processes through torchrun: one per GPU of this machine (NCCL), or CPU "
+                    "processes (gloo); config.distributed picks DDP or FSDP (default: one process per run)")) -> None:
     """Run a training worker: takes queued runs from Redis, trains them, streams their events back."""
     from slmb.api.worker import run_worker
 
-    run_worker(redis_url, queue or None, burst=burst, name=name)
+    run_worker(redis_url, queue or None, burst=burst, name=name, nproc_per_node=nproc_per_node)
 
 
 EXIT_STOPPED = 3  # `slmb train` ended by a stop (Ctrl-C or `slmb stop`): resumable, but not a finished model

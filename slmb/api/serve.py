@@ -262,10 +262,13 @@ def _forget_worker(redis_url: str, name: str) -> None:
         conn.close()
 
 
-def start_workers(supervisor: Supervisor, redis_url: str, n: int, queue: str) -> list[Child]:
+def start_workers(supervisor: Supervisor, redis_url: str, n: int, queue: str,
+                  nproc_per_node: int | None = None) -> list[Child]:
+    nproc = [] if nproc_per_node is None else ["--nproc-per-node", str(nproc_per_node)]
+
     def argv(i: int) -> Callable[[int], list[str]]:
         return lambda restarts: [sys.executable, "-m", "slmb", "worker", "--redis-url", redis_url, "--queue", queue,
-                                 "--name", worker_name(i, restarts)]
+                                 *nproc, "--name", worker_name(i, restarts)]
 
     return [supervisor.add(Child(f"worker-{i}", argv(i), on_exit=lambda c: _forget_worker(redis_url, c.cmd[-1])))
             for i in range(n)]
@@ -308,7 +311,9 @@ def stop_workers(redis_url: str, workers: list[Child], queue: str, grace_s: floa
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None, workers: int = 1,
-          log_level: str = "info") -> None:
+          log_level: str = "info", nproc_per_node: int | None = None) -> None:
+    """Run the stack (see the module docstring). ``nproc_per_node``: each worker trains every run on that many
+    processes (``slmb worker --nproc-per-node``), and the API admits runs by it."""
     import uvicorn
 
     from slmb.api.app import Settings, create_app
@@ -319,13 +324,19 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
             redis_url = stack.enter_context(private_redis(supervisor))
         # Every process of the stack (and `slmb train --queue` run from this shell's children) finds Redis here.
         os.environ["SLMB_REDIS_URL"] = redis_url
+        if nproc_per_node is not None:
+            # The API's admission judges one device's share of a run, and a batch_size that splits over them.
+            from slmb.api.worker import NPROC_ENV
+
+            os.environ[NPROC_ENV] = str(nproc_per_node)
         settings = Settings.from_env(redis_url=redis_url)
-        children = start_workers(supervisor, redis_url, workers, settings.queue)
+        children = start_workers(supervisor, redis_url, workers, settings.queue, nproc_per_node)
         # Runs after the supervisor has stopped (callbacks run last-in first-out): no worker is restarted then.
         stack.callback(stop_workers, redis_url, children, settings.queue)
         stack.callback(supervisor.stop)
         supervisor.run_in_background()
-        log.info("API on http://%s:%d, %d worker(s), Redis %s", host, port, workers, redis_url)
+        log.info("API on http://%s:%d, %d worker(s)%s, Redis %s", host, port, workers,
+                 f" of {nproc_per_node} process(es) each" if nproc_per_node else "", redis_url)
         app = create_app(settings)
         app.state.supervisor = supervisor
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))

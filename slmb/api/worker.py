@@ -3,6 +3,9 @@
 A task is one RQ job whose id is the task id. :func:`submit` records the request and the ``queued`` event in
 Redis and enqueues :func:`train_job`; a worker (``slmb worker``) forks a work-horse per job, which calls
 :func:`slmb.core.trainer.train` with a Redis event sink and :class:`~slmb.api.redis_events.RedisControl`.
+A worker started with ``--nproc-per-node N`` ($SLMB_NPROC_PER_NODE) trains each job on N processes instead: the
+work-horse runs torchrun, whose ranks (:mod:`slmb.api.rank`) train the job, rank 0 streaming its events; torchrun
+and every rank die with the work-horse, so all that follows holds for them too.
 
 How a run ends when the trainer cannot say so itself:
 - forced stop: RQ kills the work-horse and calls :func:`on_stopped` in the worker, which ends the stream
@@ -54,10 +57,23 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 MAX_REDIS_WAIT_S = 10.0  # a worker that lost Redis tries again at least this often
 MLFLOW_CHECKED = "mlflow_checked"  # task hash field: reconcile has seen the ended task's MLflow run closed
 JOB_TIMEOUT_ENV = "SLMB_JOB_TIMEOUT_S"  # RQ's default of 180 s would kill every real training run
+NPROC_ENV = "SLMB_NPROC_PER_NODE"  # processes (devices) a worker trains each job on; unset: in the work-horse
+REDIS_URL_ENV = "SLMB_REDIS_URL"  # the worker's Redis, which the ranks of its jobs connect to
 
 
 def queue_name() -> str:
     return os.environ.get(QUEUE_ENV) or DEFAULT_QUEUE
+
+
+def nproc_per_node() -> int | None:
+    """The processes a worker trains each job on through torchrun (``slmb worker --nproc-per-node``), or None:
+    each job trains in the work-horse itself."""
+    value = os.environ.get(NPROC_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{NPROC_ENV} must be a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def heartbeat_s() -> int:
@@ -132,6 +148,9 @@ def train_job(task_id: str) -> dict[str, Any]:
     ended = rev.terminal_event(conn, task_id)
     if ended:  # cancelled while a worker was taking it
         return {"task_id": task_id, "state": ended}
+    nproc = nproc_per_node()
+    if nproc is not None:
+        return _train_on_ranks(conn, task_id, nproc)
     from slmb.core.trainer import train
 
     try:
@@ -143,6 +162,39 @@ def train_job(task_id: str) -> dict[str, Any]:
         control.close_failed(task_id, f"{type(exc).__name__}: {exc}", type(exc).__name__)
         raise
     return _jsonable(result)
+
+
+def _train_on_ranks(conn: redis.Redis, task_id: str, nproc: int) -> dict[str, Any]:
+    """Train the task on ``nproc`` processes: run torchrun (:mod:`slmb.api.rank` on each) and wait for it.
+
+    torchrun runs in a session of its own and gets SIGKILL when this work-horse dies (``distributed.start``); each
+    rank does the same with torchrun. So RQ's forced stop, which kills the work-horse's process group, and the
+    death of the worker (the work-horse dies with it) take every rank down. A rank that dies ends the others
+    (torchrun); when no rank could end the stream (rank 0 was killed), this process ends it with ``error``."""
+    from slmb.core import distributed as D
+
+    try:
+        config = load_request(conn, task_id).get("config")
+    except Exception as exc:
+        rev.RedisControl(conn).close_failed(task_id, f"{type(exc).__name__}: {exc}", type(exc).__name__)
+        raise
+    device = config.get("device") if isinstance(config, dict) else None
+    cmd = D.torchrun_command([task_id], nproc_per_node=nproc, module="slmb.api.rank")
+    proc = D.start(cmd, D.rank_env(nproc, device if isinstance(device, str) and device else "auto"))
+    try:
+        returncode = proc.wait()  # no signal handler of this process touches proc; RQ's job timeout raises here
+    finally:
+        if proc.poll() is None:  # the job timed out: the ranks stop after their step, with a checkpoint
+            D.stop_process_group(proc)
+    ended = rev.terminal_event(conn, task_id)
+    if ended is None:
+        ended = "error"
+        rev.RedisControl(conn).close_failed(task_id, f"the training processes ended without a final event: "
+                                                     f"{D.describe_exit(returncode)}", "ProcessDied")
+    if ended == "error":  # the job fails, as when the trainer raises in the work-horse
+        raise RuntimeError(f"the run failed on its {nproc} processes ({D.describe_exit(returncode)}); "
+                           "its events say why")
+    return {"task_id": task_id, "state": ended, "world_size": nproc}
 
 
 def _jsonable(result: Any) -> dict[str, Any]:
@@ -392,8 +444,16 @@ def preload() -> None:
 
 
 def run_worker(redis_url: str, queues: list[str] | None = None, *, burst: bool = False,
-               name: str | None = None) -> bool:
-    """Run an RQ worker on ``queues`` (default: ``$SLMB_QUEUE`` or ``slmb``) until it is stopped."""
+               name: str | None = None, nproc_per_node: int | None = None) -> bool:
+    """Run an RQ worker on ``queues`` (default: ``$SLMB_QUEUE`` or ``slmb``) until it is stopped.
+
+    ``nproc_per_node``: train each job on that many processes (one per GPU, or CPU processes) through torchrun;
+    by default each job trains in the work-horse."""
+    if nproc_per_node is not None:
+        if nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+        os.environ[NPROC_ENV] = str(nproc_per_node)  # read by each job's work-horse (a fork of this process)
+    os.environ[REDIS_URL_ENV] = redis_url  # the ranks of a job connect to it (slmb.api.rank)
     conn = rev.connect(redis_url)
     preload()
     worked = False
