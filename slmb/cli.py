@@ -132,8 +132,10 @@ def _render_report(report, file: Path) -> None:
         m = s.memory
         console.print(f"parameters: [bold]{s.total_parameters:,}[/] (trainable {s.trainable_parameters:,})   "
                       f"vocabulary: {s.vocab_size:,}   context: {s.context_length:,}")
+        where = m['device'] if (m.get("world_size") or 1) == 1 else (
+            f"each of {m['world_size']} {m['device']} devices ({m['strategy']}, {m['device_batch_size']} rows each)")
         console.print(f"memory: weights {_human_bytes(m['weights_fp32'])} fp32 / {_human_bytes(m['weights_bf16'])} "
-                      f"bf16; training peak ≈ [bold]{_human_bytes(m['training_total'])}[/] on {m['device']} in "
+                      f"bf16; training peak ≈ [bold]{_human_bytes(m['training_total'])}[/] on {where} in "
                       f"{m['dtype']} at batch {m['batch_size']} × {m['context_length']} "
                       f"({s.estimate.breakdown()})", highlight=False)
     for w in report.warnings:
@@ -277,7 +279,7 @@ def _device_of(body: Any) -> str:
     return device if isinstance(device, str) else "auto"
 
 
-def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool) -> None:
+def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool, track: bool) -> None:
     """`slmb train --nproc-per-node N`: run torchrun and own the run's signals and the end of its log.
 
     The ranks run in their own session, so a Ctrl-C here reaches only this process: the first asks for a stop
@@ -328,7 +330,8 @@ def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool
             continue
     if how["killed"]:  # a forced stop: `slmb stop --force` ends the log once this process has exited
         raise typer.Exit(EXIT_STOPPED)
-    state = D.close_log(task_id, D.describe_exit(returncode), interrupted=how["interrupted"]) if holds_rank0 else None
+    state = D.close_log(task_id, D.describe_exit(returncode), interrupted=how["interrupted"],
+                        track=track) if holds_rank0 else None
     if state == "stopped":
         raise typer.Exit(130 if how["interrupted"] else EXIT_STOPPED)
     if state == "error" or (state is None and returncode != 0):
@@ -470,7 +473,7 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
         cmd = D.torchrun_command(args, nproc_per_node=nproc_per_node or 1, nnodes=nnodes, node_rank=node_rank,
                                  master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint,
                                  run_id=task_id)
-        _launch(cmd, task_id, D.rank_env(nproc_per_node or 1, device or _device_of(body)), node_rank == 0)
+        _launch(cmd, task_id, D.rank_env(nproc_per_node or 1, device or _device_of(body)), node_rank == 0, track)
         return
     if as_json:
         sink: Any = ev.CallbackSink(lambda e: typer.echo(e.to_json()))

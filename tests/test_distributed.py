@@ -61,7 +61,8 @@ TOY = {"blocks": 2, "batch_size": 8, "eval_every": 1}  # 2 block copies (FSDP sh
 FP32 = 1e-5  # 2 ranks vs 1 process: the same sums in another order (measured: <= 1e-7 relative after 6 steps)
 SAME = 1e-6  # the same world size on both sides: the same arithmetic, equal but for what gloo does not promise
 # A killed rank ends the run (the launcher exits) within this. Measured at load ~4: 2-3 s for rank 1, 5-9 s for
-# rank 0 (the launcher then closes the log, and imports MLflow: see the xfail below); 18 s beside a busy loop.
+# rank 0 (the launcher then closes the log); 18 s beside a busy loop (before the launcher stopped importing MLflow
+# for untracked runs).
 KILLED_RANK_EXIT_S = 60.0
 
 
@@ -256,8 +257,6 @@ def test_fsdp_with_accumulation_and_activation_checkpointing_matches_one_process
     torch.testing.assert_close(published_logits("fsdp-two"), published_logits("fsdp-one"), atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="Dist.full_state_dict: under FSDP2 the tied LM head comes back as its own "
-                   "gathered copy, so the published file stores it twice and records no alias")
 def test_fsdp_publishes_the_one_process_file_format(fsdp_run):
     proc, rc, _, _ = fsdp_run
     assert rc == 0, proc.stderr()
@@ -450,9 +449,6 @@ def test_a_killed_rank_ends_the_run_with_an_error_and_no_model(killed_runs, rank
     assert not versions.exists() or not list(versions.iterdir())
 
 
-@pytest.mark.xfail(strict=True, reason="distributed.close_log (called by cli._launch when rank 0 died) imports MLflow "
-                   "and opens the tracking store even for --no-track: it creates $SLMB_HOME/mlflow.db and delays "
-                   "the launcher's exit by seconds")
 def test_a_killed_untracked_run_leaves_no_mlflow_store(killed_runs):
     for rank, killed in killed_runs.items():
         assert not (killed.home / "mlflow.db").exists(), f"rank {rank} killed"

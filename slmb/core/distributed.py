@@ -267,10 +267,10 @@ class Dist:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return None
-        # A tied weight may come back under one of its names only: give every name the model has its tensor.
-        names = _tied_names(model)
-        for name, source in names.items():
-            if name not in full and source in full:
+        # A tied weight may come back under one of its names only, or (FSDP) gathered once per name: give every
+        # name of a tied weight the one tensor, so the file stores it once, with its aliases, as one process does.
+        for name, source in _tied_names(model).items():
+            if name != source and source in full:
                 full[name] = full[source]
         return full
 
@@ -519,10 +519,11 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             return
 
 
-def close_log(task_id: str, how: str, *, interrupted: bool = False) -> str | None:
+def close_log(task_id: str, how: str, *, interrupted: bool = False, track: bool = True) -> str | None:
     """After the ranks of a run are gone: end its event log if rank 0 could not (it was killed, or lost its
     peers mid-collective), with ``stopped`` (``interrupted``: a second Ctrl-C) or ``error`` saying ``how``; close
-    its MLflow run. Returns the terminal event's name the log now ends with (None if there is no log)."""
+    its MLflow run (``track``: the run logs to MLflow). Returns the terminal event's name the log now ends with
+    (None if there is no log)."""
     from slmb.core import events as ev
     from slmb.core.control import FileControl
     from slmb.core.store import latest_checkpoint, run_dir
@@ -552,6 +553,8 @@ def close_log(task_id: str, how: str, *, interrupted: bool = False) -> str | Non
             state = "error"
     finally:
         sink.close()
+    if not track:
+        return state
     from slmb.core import tracking
 
     with contextlib.suppress(Exception):  # MLflow away: the log, which users read first, is already closed
