@@ -103,7 +103,7 @@ def worker(args: argparse.Namespace) -> None:
             out["gpu"] = torch.cuda.get_device_name()
             out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         print("RESULT " + json.dumps(out), flush=True)
-    dist.close()
+    dist.close()  # after a barrier: a rank leaving while another still talks can abort it
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> dict:

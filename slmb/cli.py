@@ -370,10 +370,12 @@ def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool
             sink.console.print(f"task [bold]{task_id}[/] on {dist.world_size} processes (from another terminal: "
                                f"slmb stop {task_id})", highlight=False)
     launched_by_slmb = D.LAUNCHER_ENV in os.environ
+    ended_well = False
     try:
         with D.catch_signals(dist):
             result = run_training(body, task_id=task_id, sinks=[sink] if sink else [], overrides=overrides,
                                   resume=resume, track=track, dist=dist)
+        ended_well = True
     except RequestInvalidError as exc:
         _fail(str(exc) if dist.is_main else "invalid request (rank 0 prints why)", EXIT_INVALID)
     except KeyboardInterrupt:
@@ -383,7 +385,7 @@ def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool
     finally:
         if sink is not None:
             sink.close()
-        dist.close()
+        dist.close(wait=ended_well)
     if dist.is_main and result.mlflow.get("mlflow_url") and not as_json:
         typer.echo(f"MLflow run: {result.mlflow['mlflow_url']}")
     if result.state == "stopped":

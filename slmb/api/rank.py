@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     task_id = args.task_id
     sink: rev.RedisEventSink | None = None
     dist = None
+    ended_well = False
     try:
         request = load_request(conn, task_id)  # every rank reads the same stored request
         confined = conn.hget(rev.task_key(task_id), "origin") != b"cli"
@@ -49,6 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with D.catch_signals(dist):
             train(request, task_id=task_id, sinks=[sink] if sink else [],
                   control=rev.TrainerControl(sink) if sink else None, confined=confined, dist=dist)
+        ended_well = True
     except Exception as exc:
         # The trainer ends the stream with its own errors; this covers what fails before it can (the request gone
         # from Redis, an invalid request, a process group that cannot form). A no-op once the stream has ended.
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         if dist is not None:
-            dist.close()
+            dist.close(wait=ended_well)
         conn.close()
     return 0
 

@@ -104,10 +104,18 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Leave the process group. After a run that ended well (``wait``) every rank first waits for the others:
+        gloo tearing a group down while a peer still uses it can abort that peer ("terminate called without an
+        active exception") after its run has ended well. After a failure, no wait: the peers may be inside
+        another collective, which a barrier would not match, and they learn of the failure when this process's
+        connections close."""
         import torch.distributed as dist
 
         if self.active and dist.is_initialized():
+            if wait:
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             dist.destroy_process_group()
         self.active = False
 

@@ -330,11 +330,15 @@ def train(request: Mapping[str, Any] | None, *, task_id: str | None = None, sink
     own_dist = dist is None
     dist = dist or join_processes(request, overrides)
     try:
-        return _train(request, task_id, sinks, overrides, resume, control or get_control(), track, step_every_s,
-                      confined, dist)
-    finally:
+        result = _train(request, task_id, sinks, overrides, resume, control or get_control(), track,
+                        step_every_s, confined, dist)
+    except BaseException:
         if own_dist:
-            dist.close()
+            dist.close(wait=False)
+        raise
+    if own_dist:
+        dist.close()
+    return result
 
 
 def join_processes(request: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None) -> Dist:
