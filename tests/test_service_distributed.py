@@ -160,8 +160,10 @@ def test_the_api_admits_runs_by_the_workers_process_count(dist):
     body["config"]["batch_size"] = 7
     with dist.client() as client:
         resp = client.post("/api/v1/train-complete-model", json=body)
+        health = client.get("/healthz").json()
     assert resp.status_code == 422, resp.text
     assert [(e["path"], e["check"]) for e in resp.json()["errors"]] == [("/config/batch_size", "distributed")]
+    assert health["nproc_per_node"] == 2
 
 
 def test_a_stop_over_http_ends_every_rank_at_one_step_with_one_checkpoint(dist):

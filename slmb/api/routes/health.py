@@ -57,6 +57,16 @@ async def _check(fn, *args: Any) -> dict[str, Any]:
     return out if isinstance(out, dict) else {"ok": True, "workers": out}
 
 
+def _nproc_per_node() -> int | None:
+    """The processes each run trains on, as the API admits runs (``SLMB_NPROC_PER_NODE``); None if malformed."""
+    from slmb.api.routes.train import worker_world_size
+
+    try:
+        return worker_world_size()
+    except ValueError:
+        return None
+
+
 @router.get("/healthz", summary="Redis, workers and MLflow")
 async def healthz(request: Request) -> JSONResponse:
     app = request.app
@@ -73,7 +83,7 @@ async def healthz(request: Request) -> JSONResponse:
     mlflow = await _check(_mlflow)
     ok = redis_check["ok"] and workers["ok"] and mlflow["ok"]
     body = {"status": "ok" if ok else "degraded", "redis": redis_check, "workers": workers, "mlflow": mlflow,
-            "queue": app.state.settings.queue}
+            "queue": app.state.settings.queue, "nproc_per_node": _nproc_per_node()}
     supervisor = getattr(app.state, "supervisor", None)
     if supervisor is not None:  # under `slmb serve`: the processes it started and restarts (names, no paths)
         body["processes"] = supervisor.state()
