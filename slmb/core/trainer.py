@@ -615,8 +615,7 @@ class _Loop:
         flops_per_token = model.flops_per_token(T)
         # All ranks together: one device's measured peak times the world size (measured on rank 0 only).
         peak = matmul_peak(device, dtype) * W if dist.is_main else 1.0
-        params = self.parameters = sum(p.numel() for p in model.parameters()) if not dist.active else \
-            _num_parameters(model)
+        params = self.parameters = _num_parameters(model)
         self.emit(ev.Started, model_name=self.model_name, total_steps=total_steps, epochs=cfg.epochs,
                   steps_per_epoch=steps_per_epoch, batch_size=B, context_length=T,
                   parameters=params, device=str(device), dtype=dtype, tokenizer=tokenizer.name,

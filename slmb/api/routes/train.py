@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -89,10 +88,9 @@ def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> int:
 def worker_world_size() -> int:
     """The processes (devices) a worker trains each run on: ``slmb serve --nproc-per-node`` sets
     $SLMB_NPROC_PER_NODE (default 1). Admission then judges one device's share, and batch_size must split."""
-    value = os.environ.get("SLMB_NPROC_PER_NODE", "").strip() or "1"
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"SLMB_NPROC_PER_NODE must be a whole number >= 1, got {value!r}")
-    return int(value)
+    from slmb.api.worker import nproc_per_node
+
+    return nproc_per_node() or 1
 
 
 def no_worker_warning(queue: str) -> dict[str, Any]:
