@@ -74,8 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     for repeat in (m for m in model.modules() if type(m).__name__ == "Repeat"):
         repeat.checkpointing = req.config.activation_checkpointing
     dtype, autocast, _ = autocast_for(req.config.dtype, device, model.num_parameters())
-    loss_fn = dist.setup_model(model, args.mode, dtype, args.compile) if dist.active else (
-        torch.compile(model.loss) if args.compile else None)
+    loss_fn = dist.setup_model(model, args.mode, dtype, args.compile)
     optimizer = make_optimizer(model, 3e-4, 0.1, device)
     step = TrainStep(model, optimizer, autocast, device, grad_clip=1.0, loss_fn=loss_fn,
                      micro_step=dist.micro_step if dist.active else None)

@@ -132,16 +132,15 @@ class Dist:
             raise DistributedError(f"the training split has only {loader_batch} windows, fewer than batch_size "
                                    f"{batch_size}: use more data or a smaller batch_size")
 
-    def setup_model(self, model: nn.Module, strategy: str, dtype: str, compile_: bool
+    def setup_model(self, model: nn.Module, strategy: str | None, dtype: str, compile_: bool
                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Wrap ``model`` for ``strategy`` and return the loss function the step calls: ``(x, y) -> loss``.
 
         ``model`` stays the module whose state dict names the weights (FSDP shards it in place; DDP wraps it)."""
         from slmb.core import nodes as N
 
-        if not self.active:
-            fn = torch.compile(model.loss) if compile_ else None
-            return fn or model.loss
+        if not self.active:  # one process: the model's own loss (compiled when asked)
+            return torch.compile(model.loss) if compile_ else model.loss
         self.strategy = strategy
         if strategy == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -575,8 +575,7 @@ class _Loop:
         min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.learning_rate / 10
         for repeat in (m for m in model.modules() if isinstance(m, N.Repeat)):
             repeat.checkpointing = cfg.activation_checkpointing
-        loss_fn = dist.setup_model(model, strategy, dtype, cfg.compile) if dist.active else (
-            torch.compile(model.loss) if cfg.compile else None)
+        loss_fn = dist.setup_model(model, strategy, dtype, cfg.compile)
         optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, device)
 
         st = self.state
