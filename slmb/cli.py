@@ -473,8 +473,7 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
         args = ["train", *([str(file)] if file is not None else []), *flags, "--task-id", task_id,
                 *([] if track else ["--no-track"]), *(["--json"] if as_json else [])]
         cmd = D.torchrun_command(args, nproc_per_node=nproc_per_node or 1, nnodes=nnodes, node_rank=node_rank,
-                                 master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint,
-                                 run_id=task_id)
+                                 master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint)
         _launch(cmd, task_id, D.rank_env(nproc_per_node or 1, device or _device_of(body)), node_rank == 0, track)
         return
     if as_json:

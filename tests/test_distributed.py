@@ -471,3 +471,24 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(home, tmp_path):
     assert "error: DistributedError: batch_size 5" in proc.stderr()
     with pytest.raises(store.StoreError):
         store.get_model("odd")
+
+
+def test_two_machines_train_one_run_through_master_addr(tmp_path_factory, tmp_path):
+    """Two machines, one process each, simulated by two `slmb train --nnodes 2` commands with homes of their own:
+    the machine of node rank 0 writes the events and the model; the other writes neither, and both exit 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    body = toy_request(**TOY, max_steps=4, distributed="fsdp", name="two-machines")
+    req = write_request(tmp_path / "req.json", body)
+    homes = [tmp_path_factory.mktemp(f"machine-{rank}") for rank in (0, 1)]
+    procs = [start([SLMB, "train", str(req), "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                    "--master-addr", "127.0.0.1", "--master-port", port, "--no-track", "--json"],
+                   homes[rank], tmp_path, f"node{rank}") for rank in (0, 1)]
+    codes = [p.wait() for p in procs]
+    assert codes == [0, 0], [p.stderr() for p in procs]
+    events = procs[0].events()
+    assert [e.name for e in events][-1] == "finished" and procs[1].events() == []
+    assert (started_of(events).world_size, started_of(events).strategy) == (2, "fsdp")
+    assert (homes[0] / "completed" / "two-machines").exists()
+    assert not (homes[1] / "completed").exists() or not any((homes[1] / "completed").iterdir())

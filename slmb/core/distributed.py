@@ -460,17 +460,17 @@ def catch_signals(d: Dist) -> Iterator[None]:
 
 def torchrun_command(args: Sequence[str], *, nproc_per_node: int, nnodes: str | int = 1, node_rank: int = 0,
                      master_addr: str | None = None, master_port: int | None = None,
-                     rdzv_endpoint: str | None = None, run_id: str | None = None,
-                     module: str = "slmb") -> list[str]:
+                     rdzv_endpoint: str | None = None, module: str = "slmb") -> list[str]:
     """The torchrun command that runs ``python -m MODULE ARGS`` on ``nproc_per_node`` processes here.
 
     One machine: torchrun's standalone rendezvous on a free local port, unless an address is given. Several:
     ``rdzv_endpoint`` (host:port of the c10d rendezvous, the same on every machine; ``run_id`` names the job) or
-    ``master_addr``/``master_port`` with ``node_rank``. No restarts: a rank that fails ends the run."""
+    ``master_addr``/``master_port`` with ``node_rank``. No restarts: a rank that fails ends the run. The
+    rendezvous id is the same on every machine ("slmb"): one job per endpoint."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
            f"--nnodes={nnodes}", "--max-restarts=0", "--monitor-interval=0.5"]
     if rdzv_endpoint:
-        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={run_id or 'slmb'}"]
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=slmb"]
     elif str(nnodes) == "1" and master_addr is None and master_port is None:
         cmd += ["--standalone"]
     else:
