@@ -342,9 +342,9 @@ def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool
 
 def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool, track: bool,
                 as_json: bool) -> None:
-    """`slmb train` in a process torchrun started: join the group and train; rank 0 alone prints. Ranks
-    started by `_launch` exit 0 on a stop (their launcher reads the log for the exit code; torchrun would
-    report any other status as a failed run)."""
+    """`slmb train` in a process torchrun started: join the group and train; rank 0 alone prints. A stopped
+    run exits 0: torchrun would report any other status as a failed run (`_launch` reads the log for its own
+    exit code)."""
     import os
 
     from slmb.core import distributed as D
@@ -392,7 +392,7 @@ def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool
         if dist.is_main and result.path:
             typer.echo(f"resume with: slmb train --resume {task_id}"
                        + ("" if launched_by_slmb else " (under torchrun, as before)"), err=True)
-        raise typer.Exit(0 if launched_by_slmb else EXIT_STOPPED)
+        raise typer.Exit(0)  # torchrun would report any other status as a failed run
 
 
 @app.command()
