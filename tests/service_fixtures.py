@@ -54,6 +54,8 @@ def tiny_request(name: str, max_steps: int = 20, blocks: int = 1) -> dict[str, A
     body["config"].update(vocab_size=257, context_length=32, stride=32, emb_dim=32, n_heads=2, n_blocks=blocks,
                           dtype="fp32", tokenizer="byte", batch_size=4, max_steps=max_steps, warmup_steps=2,
                           eval_every=max(10, max_steps // 2), eval_batches=2, device="cpu")
+    if max_steps > 5_000:  # a long run: max_steps decides, not one epoch (7,842 steps of tiny_shakespeare here)
+        body["config"]["epochs"] = 10_000
     body["modelName"] = name
     return body
 
