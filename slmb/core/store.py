@@ -244,11 +244,12 @@ def _name_lock(name: str) -> Iterator[Path]:
 
 
 def save_completed(name: str, request: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
-                   metadata: Mapping[str, Any]) -> Path:
+                   metadata: Mapping[str, Any], extra_files: Mapping[str, Path] | None = None) -> Path:
     """Publish a finished model as ``completed/<name>``, replacing an older one only once this one is whole.
 
     ``request`` is the request JSON as sent; ``metadata`` is recorded in ``metadata.json`` together with
-    the name, creation time, slmb version and tied-weight aliases. Returns ``completed/<name>``.
+    the name, creation time, slmb version and tied-weight aliases. ``extra_files`` (file name -> source path)
+    are copied into the model's directory: an imported checkpoint's tokenizer files. Returns ``completed/<name>``.
     """
     check_model_name(name)
     link = _completed_root() / name
@@ -261,6 +262,10 @@ def save_completed(name: str, request: Mapping[str, Any], state_dict: Mapping[st
             print(f"slmb: save of {name} paused (test hook)", file=sys.stderr, flush=True)
             time.sleep(float(os.environ[SAVE_PAUSE_ENV]))
         write_json(vdir / STRUCTURE, dict(request))
+        for file_name, src in (extra_files or {}).items():
+            if Path(file_name).name != file_name or file_name in (WEIGHTS, STRUCTURE, METADATA):
+                raise StoreError(f"{file_name!r} cannot be stored beside a model's own files")
+            shutil.copyfile(src, vdir / file_name)
         meta = {**metadata, "model_name": name, "created": datetime.now(timezone.utc).isoformat(),
                 "slmb_version": __version__, "store_version": version, "weight_aliases": aliases}
         write_json(vdir / METADATA, meta)
