@@ -1,0 +1,210 @@
+"""Export (DESIGN.md §8): a completed slmb model becomes a transformers checkpoint with the same logits.
+
+Tiny canvases of each family (the bodies of ``hf_convert``) are built with random weights, saved to the store,
+exported, and loaded back with ``AutoModelForCausalLM.from_pretrained`` offline; canvases that do not map are
+refused with an error naming the node.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from hf_convert import gpt2_body, llama_body
+
+from slmb.core import store
+from slmb.core.compiler import build_model
+from slmb.core.export import ExportError, export_hf
+from slmb.core.spec import TrainRequest
+
+transformers = pytest.importorskip("transformers")
+
+E, LAYERS, HEADS, KV, CTX = 32, 2, 4, 2, 24
+
+
+def _save(name: str, body: dict, tokenizer: str, seed: int = 0) -> torch.nn.Module:
+    """Build ``body`` with weights far from the init (norm gains and biases matter), save it as ``name``."""
+    torch.manual_seed(seed)
+    model = build_model(TrainRequest.model_validate(body)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.ndim == 1 and pname.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    store.save_completed(name, body, model.state_dict(), {"tokenizer": tokenizer})
+    return model
+
+
+def _gpt2_cfg(vocab: int, tied: bool = True):
+    return transformers.GPT2Config(vocab_size=vocab, n_positions=CTX, n_embd=E, n_layer=LAYERS, n_head=HEADS,
+                                   tie_word_embeddings=tied)
+
+
+def _llama_cfg(vocab: int, **kw):
+    args = dict(vocab_size=vocab, hidden_size=E, intermediate_size=48, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=CTX, rms_norm_eps=1e-5)
+    return transformers.LlamaConfig(**{**args, **kw})
+
+
+def _qwen3_cfg(vocab: int):
+    return transformers.Qwen3Config(vocab_size=vocab, hidden_size=E, intermediate_size=48, num_hidden_layers=LAYERS,
+                                    num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=16,
+                                    max_position_embeddings=CTX, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def _max_diff(slm: torch.nn.Module, out: Path, vocab: int) -> float:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, vocab, (2, CTX), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        got = slm(ids)
+    assert ref.shape == got.shape == (2, CTX, vocab)
+    return (ref - got).abs().max().item()
+
+
+BYTE_V = 257
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_export_logits_and_files(tmp_path: Path, tied: bool) -> None:
+    slm = _save("g", gpt2_body(_gpt2_cfg(BYTE_V, tied), "gelu_tanh", tied), "byte")
+    result = export_hf("g", tmp_path / "out")
+    assert result.architecture == "GPT2LMHeadModel" and not result.warnings
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= set(result.files)
+    assert _max_diff(slm, tmp_path / "out", BYTE_V) < 1e-4
+    cfg = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_positions, cfg.activation_function) == (
+        LAYERS, HEADS, E, CTX, "gelu_new")
+    assert cfg.tie_word_embeddings is tied and cfg.eos_token_id == 256 and cfg.resid_pdrop == 0.1
+
+
+def test_byte_tokenizer_exports_like_slmb(tmp_path: Path) -> None:
+    from slmb.core.tokenizers import load_tokenizer
+
+    _save("b", gpt2_body(_gpt2_cfg(BYTE_V), "gelu_tanh", True), "byte")
+    export_hf("b", tmp_path / "out")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ours = load_tokenizer("byte")
+    for text in ["Hello, world!", "  naïve 日本語 🙂\n\ttabs"]:
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text)
+        assert hf_tok.decode(ours.encode(text)) == text
+    assert hf_tok.convert_tokens_to_ids("<|endoftext|>") == 256 and hf_tok.eos_token_id == 256
+
+
+def test_gpt2_tokenizer_exports_like_slmb(tmp_path: Path) -> None:
+    from slmb.core.tokenizers import load_tokenizer
+
+    _save("g2", gpt2_body(_gpt2_cfg(50257), "gelu_tanh", True), "gpt2")
+    result = export_hf("g2", tmp_path / "out")
+    assert {"vocab.json", "merges.txt"} <= set(result.files)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ours = load_tokenizer("gpt2")
+    text = "The quick brown fox's 12345 jumps  over\nthe lazy dog. Ünïcödé!"
+    assert hf_tok.encode(text) == ours.encode(text)
+    assert hf_tok.eos_token_id == 50256
+
+
+def test_llama3_export_with_rope_scaling(tmp_path: Path) -> None:
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    cfg = _llama_cfg(BYTE_V, rope_parameters=rope, tie_word_embeddings=False)
+    slm = _save("l3", llama_body(cfg), "byte")
+    result = export_hf("l3", tmp_path / "out")
+    assert result.architecture == "LlamaForCausalLM"
+    assert _max_diff(slm, tmp_path / "out", BYTE_V) < 1e-4
+    hf_cfg = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert hf_cfg.rope_parameters["rope_type"] == "llama3" and hf_cfg.rope_parameters["factor"] == 8.0
+    assert hf_cfg.num_key_value_heads == KV and hf_cfg.tie_word_embeddings is False
+
+
+def test_llama2_mha_export(tmp_path: Path) -> None:
+    cfg = _llama_cfg(BYTE_V, num_key_value_heads=HEADS, tie_word_embeddings=False)
+    slm = _save("l2", llama_body(cfg, attention="mhAttention", model_family="llama2"), "byte")
+    assert _max_diff(slm, export_hf("l2", tmp_path / "out").out_dir, BYTE_V) < 1e-4
+
+
+def test_qwen3_export(tmp_path: Path) -> None:
+    slm = _save("q3", llama_body(_qwen3_cfg(BYTE_V), qk_norm=True, model_family="qwen3"), "byte")
+    result = export_hf("q3", tmp_path / "out")
+    assert result.architecture == "Qwen3ForCausalLM"
+    assert _max_diff(slm, tmp_path / "out", BYTE_V) < 1e-4
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").head_dim == 16
+
+
+def _gpt2_nodes() -> dict:
+    return gpt2_body(_gpt2_cfg(BYTE_V), "gelu_tanh", True)
+
+
+def test_sinusoidal_positions_name_the_node(tmp_path: Path) -> None:
+    body = _gpt2_nodes()
+    body["model"][1]["data"]["posType"] = "Sinusoidal Positional Embedding"
+    _save("sin", body, "byte")
+    with pytest.raises(ExportError, match=r"node /model/1 \(id 'positionalEmbedding-\d+'.*sinusoidal positions"):
+        export_hf("sin", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_post_norm_names_the_node(tmp_path: Path) -> None:
+    body = _gpt2_nodes()
+    block = body["model"][3]["children"]
+    norm1, attn, drop, res = block[0], block[1], block[2], block[3]
+    res["data"]["source"] = attn["data"]["id"]
+    block[:4] = [attn, drop, res, norm1]  # attention -> residual -> norm: post-norm
+    _save("post", body, "byte")
+    with pytest.raises(ExportError, match=r"node /model/3/children/0 \(id 'mhAttention-\d+'.*post-norm"):
+        export_hf("post", tmp_path / "out")
+
+
+def test_residual_skipping_two_nodes_names_it(tmp_path: Path) -> None:
+    body = copy.deepcopy(_gpt2_nodes())
+    block = body["model"][3]["children"]
+    block[7]["data"]["source"] = block[0]["data"]["id"]  # second residual adds the block input: skips both halves
+    _save("skip", body, "byte")
+    with pytest.raises(ExportError, match=r"node /model/3/children/7 .*residual adds"):
+        export_hf("skip", tmp_path / "out")
+
+
+def test_exact_gelu_maps_to_gelu_and_gated_gpt2_is_refused(tmp_path: Path) -> None:
+    slm = _save("erf", gpt2_body(_gpt2_cfg(BYTE_V), "gelu", True), "byte")
+    export_hf("erf", tmp_path / "erf")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "erf").activation_function == "gelu"
+    assert _max_diff(slm, tmp_path / "erf", BYTE_V) < 1e-4
+    body = _gpt2_nodes()
+    body["model"][3]["children"][5]["data"]["bias"] = False
+    _save("nobias", body, "byte")
+    with pytest.raises(ExportError, match=r"node /model/3/children/5 .*GPT-2's MLP has biases"):
+        export_hf("nobias", tmp_path / "out")
+
+
+def test_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    _save("g", _gpt2_nodes(), "byte")
+    with pytest.raises(ExportError, match="gguf is not supported yet"):
+        export_hf("g", tmp_path / "out", "gguf")
+
+
+def test_http_export_returns_a_loadable_zip(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from slmb.api.app import Settings, create_app
+
+    slm = _save("web", _gpt2_nodes(), "byte")
+    body = _gpt2_nodes()
+    body["model"][1]["data"]["posType"] = "Sinusoidal Positional Embedding"
+    _save("websin", body, "byte")
+    client = TestClient(create_app(Settings(redis_url="redis://127.0.0.1:1/0", api_token="t")))
+    auth = {"Authorization": "Bearer t"}
+    assert client.get("/api/v1/models/web/export?format=hf").status_code == 401
+    r = client.get("/api/v1/models/web/export?format=hf", headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path)
+    assert _max_diff(slm, tmp_path / "web", BYTE_V) < 1e-4
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "web").encode("hi") == [104, 105]
+    r = client.get("/api/v1/models/websin/export", headers=auth)
+    assert r.status_code == 422 and "sinusoidal" in r.json()["detail"]
+    assert client.get("/api/v1/models/nope/export", headers=auth).status_code == 404
+    assert client.get("/api/v1/models/..bad/export", headers=auth).status_code == 422
