@@ -153,6 +153,27 @@ def _render_report(report, file: Path) -> None:
         console.print(f"[red]invalid[/]: {len(report.errors)} error(s)")
 
 
+@app.command("export")
+def export_model(model: str = typer.Argument(..., help="name of a completed model (see `slmb list`)"),
+                 out_dir: Path = typer.Argument(..., help="directory to write (new, or empty)"),
+                 fmt: str = typer.Option("hf", "--format", help="hf: a transformers checkpoint (gguf: not yet)")
+                 ) -> None:
+    """Write a completed model as a transformers checkpoint (GPT-2, Llama or Qwen3 canvases) that
+    AutoModelForCausalLM.from_pretrained(OUT_DIR) and AutoTokenizer load offline, with the same logits.
+
+    A canvas that does not map (sinusoidal or relative positions, post-norm, ...) exits 1 naming the node."""
+    from slmb.core.export import ExportError, export_hf
+    from slmb.core.store import StoreError
+
+    try:
+        result = export_hf(model, out_dir, fmt)
+    except (ExportError, StoreError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"{result.architecture} checkpoint written to {result.out_dir}: {', '.join(result.files)}")
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the request body."""
@@ -542,6 +563,25 @@ def stop(task_id: str = typer.Argument(..., help="the run's task id (printed by 
     except StoreError as exc:
         _fail(str(exc), EXIT_INVALID)
     typer.echo(f"{task_id}: {result['message']}")
+
+
+@app.command("import")
+def import_model(source: str = typer.Argument(..., help="a transformers checkpoint directory (config.json + "
+                                              "safetensors) or a model id already in the local Hugging Face cache"),
+                 name: str = typer.Option(..., "--name", help="name of the completed model to write")) -> None:
+    """Import a Hugging Face checkpoint (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, Qwen2ForCausalLM,
+    MistralForCausalLM) as a completed model: a canvas stating every value, the weights, and the checkpoint's own
+    tokenizer. Never downloads. A checkpoint that does not map exits 1 naming the config field or weight."""
+    from slmb.core.interop import InteropError, import_checkpoint
+    from slmb.core.store import StoreError
+
+    try:
+        path, conv = import_checkpoint(source, name)
+    except (InteropError, StoreError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    tok = conv.tokenizer_file or "none found (set config.tokenizer to train or generate)"
+    typer.echo(f"imported {conv.architecture} from {conv.source} as {name!r}: {conv.parameters:,} parameters, "
+               f"tokenizer {tok}\nwritten to {path}")
 
 
 @app.command(name="list")

@@ -208,3 +208,22 @@ def test_http_export_returns_a_loadable_zip(tmp_path: Path) -> None:
     assert r.status_code == 422 and "sinusoidal" in r.json()["detail"]
     assert client.get("/api/v1/models/nope/export", headers=auth).status_code == 404
     assert client.get("/api/v1/models/..bad/export", headers=auth).status_code == 422
+
+
+def test_cli_export(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from slmb.cli import app
+
+    slm = _save("cli", _gpt2_nodes(), "byte")
+    r = CliRunner().invoke(app, ["export", "cli", str(tmp_path / "out"), "--format", "hf"])
+    assert r.exit_code == 0, r.output
+    assert "GPT2LMHeadModel checkpoint written" in r.output
+    assert _max_diff(slm, tmp_path / "out", BYTE_V) < 1e-4
+    body = _gpt2_nodes()
+    body["model"][1]["data"]["posType"] = "Relative Positional Embedding"
+    _save("clirel", body, "byte")
+    r = CliRunner().invoke(app, ["export", "clirel", str(tmp_path / "rel")])
+    assert r.exit_code == 1 and "node /model/1" in r.output and "relative positions" in r.output
+    r = CliRunner().invoke(app, ["export", "missing", str(tmp_path / "m")])
+    assert r.exit_code == 1 and "no completed model named 'missing'" in r.output
