@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import zipfile
 from pathlib import Path
 
@@ -227,3 +228,43 @@ def test_cli_export(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "node /model/1" in r.output and "relative positions" in r.output
     r = CliRunner().invoke(app, ["export", "missing", str(tmp_path / "m")])
     assert r.exit_code == 1 and "no completed model named 'missing'" in r.output
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3"])
+def test_import_of_export_is_bit_identical(tmp_path: Path, family: str) -> None:
+    from slmb.core.interop import import_checkpoint
+
+    if family == "gpt2":
+        body = gpt2_body(_gpt2_cfg(BYTE_V, tied=False), "gelu_tanh", False)
+    elif family == "llama3":
+        body = llama_body(_llama_cfg(BYTE_V, tie_word_embeddings=False))
+    else:
+        body = llama_body(_qwen3_cfg(BYTE_V), qk_norm=True, model_family="qwen3")
+    slm = _save("orig", body, "byte")
+    export_hf("orig", tmp_path / "out")
+    import_checkpoint(str(tmp_path / "out"), "back")
+    _, before, _ = store.load_completed("orig")
+    request, after, _ = store.load_completed("back")
+    back = build_model(TrainRequest.model_validate(request), init=False)
+    back.load_state_dict(after, strict=True)
+    # The imported canvas has no dropout nodes: compare tensors in module order, not by name.
+    a = [t for _, t in slm.named_parameters()]
+    b = [t for _, t in back.eval().named_parameters()]
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert len(before) >= len(a)
+    ids = torch.randint(0, BYTE_V, (1, CTX), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(slm(ids), back(ids))
+
+
+def test_export_of_an_imported_model_carries_its_tokenizer(tmp_path: Path) -> None:
+    from slmb.core.interop import import_checkpoint
+
+    _save("orig", _gpt2_nodes(), "byte")
+    export_hf("orig", tmp_path / "first")
+    import_checkpoint(str(tmp_path / "first"), "back")
+    result = export_hf("back", tmp_path / "second")
+    assert not result.warnings and {"tokenizer.json", "tokenizer_config.json"} <= set(result.files)
+    assert (tmp_path / "second" / "tokenizer.json").read_bytes() == (tmp_path / "first" / "tokenizer.json").read_bytes()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "second").encode("ok") == [111, 107]
+    assert json.loads((tmp_path / "second" / "config.json").read_text())["eos_token_id"] == 256

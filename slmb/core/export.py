@@ -426,26 +426,54 @@ def export_hf(model_name: str, out_dir: str | Path, fmt: str = "hf") -> ExportRe
     ``store.StoreError`` when there is no such model."""
     from safetensors.torch import save_file
 
-    from slmb.core.store import load_completed
+    from slmb.core.store import get_model, load_completed
 
     if fmt == "gguf":
         raise ExportError("--format gguf is not supported yet: export with --format hf and convert with llama.cpp's "
                           "convert_hf_to_gguf.py")
     if fmt != "hf":
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    model_dir = get_model(model_name).path.resolve()
     request, state_dict, metadata = load_completed(model_name)
     config, sd = hf_state(request, state_dict)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty directory; pick a new one")
     out.mkdir(parents=True, exist_ok=True)
-    files, warnings = _tokenizer_files(str(metadata.get("tokenizer") or "gpt2"), out, config)
+    carried = _carried_files(model_dir, metadata, out, config)
+    if carried:  # an imported model: its checkpoint's own tokenizer files, as they came
+        files, warnings = carried, []
+    else:
+        files, warnings = _tokenizer_files(str(metadata.get("tokenizer") or "gpt2"), out, config)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     _write(out / "config.json", config)
-    gen = {"_from_model_config": True}
-    for key in ("bos_token_id", "eos_token_id"):
-        if key in config:
-            gen[key] = config[key]
-    _write(out / "generation_config.json", gen)
-    return ExportResult(out, config["architectures"][0],
-                        ["config.json", "model.safetensors", "generation_config.json", *files], warnings)
+    if "generation_config.json" not in files:
+        gen = {"_from_model_config": True}
+        for key in ("bos_token_id", "eos_token_id"):
+            if key in config:
+                gen[key] = config[key]
+        _write(out / "generation_config.json", gen)
+        files.append("generation_config.json")
+    return ExportResult(out, config["architectures"][0], ["config.json", "model.safetensors", *files], warnings)
+
+
+def _carried_files(model_dir: Path, metadata: dict[str, Any], out: Path, config: dict[str, Any]) -> list[str]:
+    """Copy the tokenizer files an imported model keeps beside its weights (``slmb import``); their names, or []
+    when the model has none. bos/eos ids come from the checkpoint's generation_config.json."""
+    from slmb.core.interop import COMPANION_FILES, TOKENIZER_FILES
+
+    tok_file = metadata.get("tokenizer_file")
+    if not tok_file or not (model_dir / tok_file).is_file():
+        return []
+    files = [f for f in (*TOKENIZER_FILES, *COMPANION_FILES) if (model_dir / f).is_file()]
+    for f in files:
+        shutil.copyfile(model_dir / f, out / f)
+    if "generation_config.json" in files:
+        try:
+            gen = json.loads((out / "generation_config.json").read_text())
+        except ValueError:
+            gen = {}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(gen, dict) and gen.get(key) is not None:
+                config[key] = gen[key]
+    return files
