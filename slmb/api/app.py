@@ -216,9 +216,12 @@ async def _refuse(send: Any, status: int, detail: str) -> None:
 
 async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422, with the caller's input made printable: a NaN or a lone surrogate echoed back as it came
-    would make the response itself fail."""
+    would make the response itself fail. Under /v1, OpenAI's 400 shape instead (slmb.api.routes.openai)."""
+    from slmb.api.routes import openai
     from slmb.api.trust import printable
 
+    if openai.is_openai_path(request.url.path):
+        return await openai.invalid_request(request, exc)
     return JSONResponse({"detail": printable(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
@@ -237,7 +240,7 @@ async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from slmb.api.routes import events, generate, health, models, stop, train
+    from slmb.api.routes import events, generate, health, models, openai, stop, train
 
     app = FastAPI(title="slmb", version=__version__, lifespan=_lifespan,
                   description="Train small language models described as JSON; follow them; generate text.")
@@ -254,6 +257,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router, prefix=API_PREFIX, dependencies=[Depends(require_token_or_query)])
     for module in (train, stop, models, generate):
         app.include_router(module.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])
+    app.add_exception_handler(openai.OpenAIError, openai.openai_error)
+    app.include_router(openai.router, prefix=openai.OPENAI_PREFIX)  # OpenAI's paths; its own token check
     app.include_router(health.router)
     from slmb.api.routes import export  # GET /api/v1/models/{name}/export
     app.include_router(export.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])
