@@ -268,3 +268,23 @@ def test_export_of_an_imported_model_carries_its_tokenizer(tmp_path: Path) -> No
     assert (tmp_path / "second" / "tokenizer.json").read_bytes() == (tmp_path / "first" / "tokenizer.json").read_bytes()
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "second").encode("ok") == [111, 107]
     assert json.loads((tmp_path / "second" / "config.json").read_text())["eos_token_id"] == 256
+
+
+@pytest.mark.parametrize(("tok_name", "vocab"), [("llama3", 128256), ("qwen3", 151669)])
+def test_tiktoken_tokenizers_export_as_tokenizer_json(tmp_path: Path, tok_name: str, vocab: int) -> None:
+    from slmb.core.tokenizers import load_tokenizer
+
+    if tok_name == "qwen3":
+        body = llama_body(_qwen3_cfg(vocab), qk_norm=True, model_family="qwen3")
+    else:
+        body = llama_body(_llama_cfg(vocab, tie_word_embeddings=True))
+    _save("tk", body, tok_name)
+    result = export_hf("tk", tmp_path / "out")
+    assert "tokenizer.json" in result.files and not result.warnings
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ours = load_tokenizer(tok_name)
+    text = "The quick brown fox's 12345 jumps  over\nthe lazy dog.\r\n\n  Ünïcödé 日本語 🙂 don't   I'LL 3.14159"
+    assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert len(hf_tok) == ours.vocab_size and hf_tok.eos_token_id == ours.eos_id
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["eos_token_id"] == ours.eos_id and cfg.get("bos_token_id") == ours.bos_id

@@ -7,9 +7,10 @@ else is an :class:`ExportError` naming the node (JSON pointer and id) and why: a
 never approximate. Dropout is ignored (inference), its rate recorded where the family has a config field.
 
 Tokenizers exported: gpt2 (GPT-2's own ``vocab.json`` + ``merges.txt``), byte (a ``tokenizer.json`` of 256
-byte tokens + ``<|endoftext|>``, needs the ``tokenizers`` package) and llama2 (its SentencePiece
-``tokenizer.model`` copied). llama3 and qwen3 (tiktoken ranks) are not exported yet: the weights are, with a
-warning saying which tokenizer files to add.
+byte tokens + ``<|endoftext|>``), llama3 and qwen3 (their tiktoken ranks as a byte-level BPE ``tokenizer.json``,
+as transformers converts Llama 3's), llama2 (its SentencePiece ``tokenizer.model`` copied), and an imported
+model's own files (copied as they came). ``tokenizer.json`` needs the ``tokenizers`` package. A tokenizer given
+as a file path is not exported: the weights are, with a warning saying which files to add.
 """
 
 from __future__ import annotations
@@ -385,9 +386,59 @@ def _tokenizer_files(tok_name: str, out: Path, config: dict[str, Any]) -> tuple[
         _write(out / "tokenizer_config.json", {
             "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
             "add_bos_token": True, "add_eos_token": False, "legacy": True})
-        return ["tokenizer.model", "tokenizer_config.json"], []
-    return [], [f"the {name} tokenizer (tiktoken ranks) is not exported yet: the checkpoint has no tokenizer files; "
-                f"copy the original {name} tokenizer.json / tokenizer_config.json into {out}"]
+        return ["tokenizer.model", "tokenizer_config.json"], [
+            "llama2: transformers converts tokenizer.model into its own Llama tokenizer, which splits runs of spaces "
+            "and a leading space differently from SentencePiece (as for Meta's own Llama 2 checkpoints); slmb "
+            "encodes with SentencePiece itself"]
+    if name in ("llama3", "qwen3") and hasattr(tok, "enc"):
+        try:
+            _tiktoken_tokenizer_json(tok.enc, out / "tokenizer.json")
+        except ImportError:
+            return [], [f"the {name} tokenizer is exported through the `tokenizers` package, which is not "
+                        "installed; no tokenizer files were written"]
+        eos = next(k for k, v in tok.special_tokens.items() if v == tok.eos_id)
+        bos = next((k for k, v in tok.special_tokens.items() if v == tok.bos_id), None)
+        _write(out / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+            "add_bos_token": False, "model_max_length": config.get("max_position_embeddings")})
+        return ["tokenizer.json", "tokenizer_config.json"], []
+    return [], [f"the tokenizer {name!r} is not exported: the checkpoint has no tokenizer files; add the "
+                f"tokenizer's files (tokenizer.json, tokenizer_config.json) to {out} yourself"]
+
+
+def _tiktoken_tokenizer_json(enc: Any, path: Path) -> None:
+    """A tiktoken encoding as a byte-level BPE ``tokenizer.json`` (what transformers' TikTokenConverter writes for
+    Llama 3): the split pattern, the ranks as vocabulary, merges recovered from the ranks (every split of a token
+    into two tokens, in rank order), ``ignore_merges`` so a whole pre-token in the vocabulary is taken as is (as
+    tiktoken does), and the specials as added tokens that slmb's ``encode`` never produces from text."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    ranks: dict[bytes, int] = enc._mergeable_ranks
+    alphabet = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(alphabet[x] for x in b)
+
+    merges: list[tuple[int, int, int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    bpe = models.BPE(vocab={text(t): r for t, r in ranks.items()},
+                     merges=[(text(a), text(b)) for *_, a, b in merges], fuse_unk=False, ignore_merges=True)
+    tk = Tokenizer(bpe)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
+    for s, i in specials:
+        if tk.token_to_id(s) != i:
+            raise ExportError(f"special token {s!r} would get id {tk.token_to_id(s)} in tokenizer.json, not {i}")
+    tk.save(str(path))
 
 
 def _byte_tokenizer_json(path: Path) -> None:
