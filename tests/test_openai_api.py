@@ -161,6 +161,13 @@ def test_chat_uses_the_checkpoints_template_when_it_has_one(api):
     assert out.choices[0].message.content == same.choices[0].text
     assert out.usage.prompt_tokens == len(rendered.encode())
 
+    # Special-token text in the rendered prompt is the special token (one id), as transformers encodes it.
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<|endoftext|>",
+                                                            "eos_token": "</s>"}))
+    out = client(api).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=8, temperature=0)
+    assert out.usage.prompt_tokens == 1 + len("<user>Hi</s><assistant>")
+
 
 def test_unknown_model_is_not_found(api):
     with pytest.raises(openai.NotFoundError) as err:

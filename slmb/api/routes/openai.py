@@ -11,13 +11,19 @@ raises the right exception class (``BadRequestError``, ``AuthenticationError``, 
 Chat: the messages go through the checkpoint's chat template (``chat_template`` in a ``tokenizer_config.json``, or a
 ``chat_template.jinja``, in the model's directory or its ``tokenizer/`` folder) rendered in a sandboxed Jinja
 environment, as transformers renders it. A model without one gets a plain transcript (:func:`render_chat`), and
-generation stops where the model starts writing the user's next turn.
+generation stops where the model starts writing the user's next turn. A rendered template's special-token text
+(``<|im_start|>``) is encoded as the special tokens' ids; core's ``Generator`` takes prompt text only and encodes
+such text as ordinary text, so those ids reach it through a shallow copy whose ``prompt_ids`` returns them
+(:func:`_with_prompt_ids`) until ``generate``/``stream`` take ids.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -36,7 +42,7 @@ from slmb.api.routes.events import SSE_HEADERS
 from slmb.api.trust import check_name, check_text, printable
 from slmb.core.generate import Generation, Generator, SamplingParams
 from slmb.core.store import BrokenModelError, StoreError
-from slmb.core.tokenizers import TokenizerNotFoundError
+from slmb.core.tokenizers import Tokenizer, TokenizerNotFoundError
 
 log = logging.getLogger("slmb.api")
 OPENAI_PREFIX = "/v1"
@@ -390,8 +396,41 @@ def render_chat(messages: list[dict[str, str]], template: tuple[str, dict[str, s
     return prompt, ((eos,) if eos else ())
 
 
-def _model_template(name: str) -> tuple[str, dict[str, str]] | None:
-    return chat_template(model_cache.local_or_fetched(name).path)
+def _model_template(name: str) -> tuple[tuple[str, dict[str, str]] | None, list[int]]:
+    """The model's chat template (None: the plain one) and the ids its ``generation_config.json`` ends a turn
+    with (``eos_token_id``: Llama 3's instruct models end a turn with ``<|eot_id|>``, not the tokenizer's EOS)."""
+    path = model_cache.local_or_fetched(name).path
+    eos: Any = None
+    for folder in (path, path / "tokenizer"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            eos = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+            break
+    ids = eos if isinstance(eos, list) else [eos]
+    return chat_template(path), [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+
+
+def encode_with_specials(tok: Tokenizer, text: str) -> list[int]:
+    """``text`` as ids, its special-token text (``<|im_start|>``, ``<|eot_id|>``) as the special tokens' ids.
+    slmb's ``encode`` reads such text as ordinary text (right for training data, wrong for a rendered chat
+    template, whose markers are meant as the checkpoint's special tokens, as transformers encodes them)."""
+    specials = sorted(tok.special_tokens, key=len, reverse=True)
+    if not specials:
+        return tok.encode(text)
+    ids: list[int] = []
+    for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+        if i % 2:
+            ids.append(tok.special_tokens[piece])
+        elif piece:
+            ids.extend(tok.encode(piece))
+    return ids
+
+
+def _with_prompt_ids(generator: Generator, ids: list[int]) -> Generator:
+    """The generator, decoding from ``ids`` instead of its own encoding of the prompt text (a shallow copy: the
+    model and tokenizer are shared); see the module's docstring."""
+    bound = copy.copy(generator)
+    bound.prompt_ids = lambda prompt: list(ids)  # type: ignore[method-assign]
+    return bound
 
 
 @router.post("/chat/completions", summary="OpenAI chat completion (the checkpoint's chat template, or a plain one)")
@@ -403,9 +442,14 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     _params(body, request, max_tokens, settings.max_new_tokens, "")  # the cheap checks first, before any load
     generator = await _generator(request, body.model)
-    template = await run_in_threadpool(_model_template, body.model)
+    template, eos_ids = await run_in_threadpool(_model_template, body.model)
     prompt, extra_stops = render_chat(messages, template)
+    specials = {i: t for t, i in generator.tok.special_tokens.items()}
+    extra_stops += tuple(specials[i] for i in eos_ids if i in specials and i != generator.tok.eos_id)
     params = _params(body, request, max_tokens, settings.max_new_tokens, prompt, extra_stops)
+    if template is not None:
+        generator = _with_prompt_ids(generator, encode_with_specials(generator.tok, prompt) or
+                                     generator.prompt_ids(""))
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def obj(kind: str, choices: list[dict], **extra: Any) -> dict:
