@@ -565,6 +565,25 @@ def stop(task_id: str = typer.Argument(..., help="the run's task id (printed by 
     typer.echo(f"{task_id}: {result['message']}")
 
 
+@app.command("import")
+def import_model(source: str = typer.Argument(..., help="a transformers checkpoint directory (config.json + "
+                                              "safetensors) or a model id already in the local Hugging Face cache"),
+                 name: str = typer.Option(..., "--name", help="name of the completed model to write")) -> None:
+    """Import a Hugging Face checkpoint (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, Qwen2ForCausalLM,
+    MistralForCausalLM) as a completed model: a canvas stating every value, the weights, and the checkpoint's own
+    tokenizer. Never downloads. A checkpoint that does not map exits 1 naming the config field or weight."""
+    from slmb.core.interop import InteropError, import_checkpoint
+    from slmb.core.store import StoreError
+
+    try:
+        path, conv = import_checkpoint(source, name)
+    except (InteropError, StoreError) as exc:
+        _fail(str(exc), EXIT_INVALID)
+    tok = conv.tokenizer_file or "none found (set config.tokenizer to train or generate)"
+    typer.echo(f"imported {conv.architecture} from {conv.source} as {name!r}: {conv.parameters:,} parameters, "
+               f"tokenizer {tok}\nwritten to {path}")
+
+
 @app.command(name="list")
 def list_models(as_json: bool = typer.Option(False, "--json", help="print models and tasks as JSON")) -> None:
     """List the completed models in the store (a broken one with the reason), and the training runs: the service's

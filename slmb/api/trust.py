@@ -45,7 +45,7 @@ def check_text(value: str) -> str:
 
 def request_issues(request: Any, data_root: Path | None) -> list[Any]:
     """What a valid :class:`~slmb.core.spec.TrainRequest` names that an HTTP caller may not use, as validation
-    issues (JSON pointers ``/dataset`` and ``/config/tokenizer``)."""
+    issues (JSON pointers ``/dataset``, ``/config/tokenizer`` and ``/config/init_from``)."""
     from slmb.core.data import DATASET_NAMES, DatasetRefusedError, dataset_files, path_in_root, refused_dataset
     from slmb.core.tokenizers import KNOWN_VOCAB_SIZES, canonical_tokenizer_name
     from slmb.core.validate import Issue
@@ -75,6 +75,15 @@ def request_issues(request: Any, data_root: Path | None) -> list[Any]:
                             expected=f"one of {', '.join(sorted(KNOWN_VOCAB_SIZES))}",
                             hint="tokenizer files are found on the server's tokenizer search path "
                                  "($SLMB_TOKENIZER_DIR/<name>/)"))
+    init_from = request.config.init_from
+    if init_from is not None:
+        from slmb.core.spec import MODEL_NAME_RE
+
+        if not MODEL_NAME_RE.match(init_from):
+            issues.append(Issue("/config/init_from", "the service starts from completed models by name, not from "
+                                "paths or Hugging Face ids", check="trust", found=init_from[:80],
+                                expected="the name of a completed model (see GET /api/v1/models)",
+                                hint="import a checkpoint with `slmb import SOURCE --name NAME` first"))
     return issues
 
 

@@ -13,6 +13,7 @@ import copy
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -267,6 +268,24 @@ def load_generator(name: str, device: str | torch.device = "cpu", dtype: str | N
     if mismatch:
         raise BrokenModelError(name, f"model.safetensors does not match structure.json: {mismatch}")
     model = load_model(request, state_dict, device)
-    tok_name = metadata.get("tokenizer") or spec.config.tokenizer_name
     weights = {None: None, "fp32": None, "bf16": torch.bfloat16}[dtype]
-    return Generator(model, load_tokenizer(tok_name), dtype=weights), metadata
+    return Generator(model, model_tokenizer(name, metadata, spec.config.tokenizer_name), dtype=weights), metadata
+
+
+def model_tokenizer(name: str, metadata: dict[str, Any], default: str) -> Tokenizer:
+    """The tokenizer a completed model decodes with: its own file when metadata names one (``tokenizer_file``:
+    an imported checkpoint's tokenizer.json / tokenizer.model, copied into the model's directory), else the
+    ``tokenizer`` name its training recorded, else ``default``. Only a bare file name inside the model's own
+    directory is accepted, so no caller can point this at an arbitrary path."""
+    from slmb.core.store import BrokenModelError, get_model
+
+    own = metadata.get("tokenizer_file")
+    if own is None:
+        return load_tokenizer(metadata.get("tokenizer") or default)
+    if not isinstance(own, str) or Path(own).name != own or own.startswith("."):
+        raise BrokenModelError(name, f"metadata.json: tokenizer_file {own!r} is not a file name in the model's "
+                                     "directory")
+    path = get_model(name).path.resolve() / own
+    if not path.is_file():
+        raise BrokenModelError(name, f"its tokenizer file {own} is missing from {path.parent}")
+    return load_tokenizer(str(path))

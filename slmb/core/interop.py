@@ -284,8 +284,9 @@ def _check_llama_family(hf: Mapping[str, Any], arch: str) -> None:
         raise InteropError(f"config.json hidden_act={act!r}: slmb's gated feed-forward is SwiGLU (silu) only")
     rope = _rope(hf)
     if rope["rope_type"] not in ("default", "llama3"):
-        raise InteropError(f"config.json rope_scaling type {rope['rope_type']!r}: slmb implements no scaling or "
-                           "Llama 3's ('llama3') only")
+        field = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+        raise InteropError(f"config.json {field}.rope_type={rope['rope_type']!r}: slmb implements no scaling "
+                           "('default') or Llama 3's ('llama3') only")
     if hf.get("mlp_bias"):
         raise InteropError("config.json mlp_bias=true: slmb's gated feed-forward has no biases")
     if arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM") and hf.get("attention_bias"):
@@ -505,3 +506,66 @@ def import_checkpoint(source: str | Path, name: str) -> tuple[Path, Converted]:
     path = save_completed(name, conv.body, conv.state_dict, metadata, extra_files=files)
     return path, conv
 
+
+
+# ---------------------------------------------------------------- fine-tuning: config.init_from
+
+
+def load_init_weights(source: str, *, confined: bool) -> dict[str, torch.Tensor]:
+    """The state dict ``config.init_from`` names: a completed model in the store, else (``confined=False``, the
+    CLI) a checkpoint directory or cached Hugging Face id, converted as ``slmb import`` would. ``confined`` (an
+    HTTP request) takes store names only."""
+    from slmb.core.spec import MODEL_NAME_RE
+    from slmb.core.store import StoreError, get_model, load_completed
+
+    in_store = False
+    if MODEL_NAME_RE.match(source):
+        try:
+            get_model(source)
+            in_store = True
+        except StoreError:
+            in_store = False
+    if in_store:
+        return load_completed(source)[1]
+    if confined:
+        raise InteropError(f"config.init_from {source[:80]!r} is not a completed model in the store; over HTTP "
+                           "init_from takes store names only (import a checkpoint with `slmb import` first)")
+    try:
+        return convert_checkpoint(source).state_dict
+    except InteropError as exc:
+        raise InteropError(f"config.init_from {source!r} is neither a completed model in the store nor an "
+                           f"importable checkpoint: {exc}") from None
+
+
+@torch.no_grad()
+def init_from_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy ``weights`` into ``model`` after checking them shape for shape.
+
+    Allowed differences: a learned positional table longer than the canvas's context (its first rows are used);
+    anything without weights (dropout, RoPE's context). Raises :class:`InteropError` listing every mismatch
+    (name, expected shape, found shape), every missing and every unexpected tensor."""
+    expected = model.state_dict()
+    learned = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, N.LearnedPositional)}
+    problems: list[str] = []
+    ready: dict[str, torch.Tensor] = {}
+    for key, want in expected.items():
+        got = weights.get(key)
+        if got is None:
+            problems.append(f"  {key}: expected {list(want.shape)}, missing from {source}")
+            continue
+        if key in learned and got.ndim == 2 and got.shape[1] == want.shape[1] and got.shape[0] >= want.shape[0]:
+            got = got[: want.shape[0]]  # the canvas uses a prefix of the positional table
+        if got.shape != want.shape:
+            problems.append(f"  {key}: expected {list(want.shape)}, found {list(got.shape)}")
+            continue
+        ready[key] = got
+    problems += [f"  {key}: found {list(t.shape)}, the canvas has no such tensor"
+                 for key, t in weights.items() if key not in expected]
+    if problems:
+        raise InteropError(f"config.init_from {source!r}: the canvas does not match its weights "
+                           f"({len(problems)} difference(s)):\n" + "\n".join(problems))
+    for key, t in ready.items():
+        target = expected[key]
+        if target.is_meta:
+            raise InteropError("config.init_from cannot load into a model built on the meta device")
+        target.copy_(t.to(target.dtype))

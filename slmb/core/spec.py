@@ -351,6 +351,13 @@ class Config(BaseModel):
         "replicates the model on every device, 'fsdp' shards weights, gradients and optimizer states (FSDP2), "
         "'auto' picks DDP when a replica fits the device's memory and FSDP otherwise. batch_size is the global "
         "batch, split evenly over the processes. No effect on a one-process run."))
+    init_from: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(None, description=(
+        "Start from pretrained weights instead of a random initialisation: the name of a completed model in the "
+        "store (e.g. one made by `slmb import`), or, from the CLI only, a transformers checkpoint directory or a "
+        "model id in the local Hugging Face cache. The canvas must match the weights shape for shape (else the run "
+        "fails listing every mismatch); it may change dropout, and the context length: any length with RoPE, up to "
+        "the table's rows with learned positions (the first rows are used). Over HTTP only store names are "
+        "accepted."))
     activation_checkpointing: bool = Field(False, description=(
         "Recompute each transformer block's activations during the backward pass instead of keeping them: "
         "less memory for about a third more compute. Any run, one process or several."))

@@ -180,6 +180,88 @@ class SentencePieceTokenizer(Tokenizer):
         return self._bytes[token_id]
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet backwards: the printable character standing for each byte -> the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` through the ``tokenizers`` package (an imported checkpoint's own).
+
+    Special tokens (the file's added tokens marked special) are recognised by id only: ``encode`` encodes their
+    text as ordinary text. End/beginning of text come from ``tokenizer_config.json`` beside the file when it
+    names them, else from the usual spellings among the special tokens."""
+
+    def __init__(self, name: str, path: Path, fingerprint: str) -> None:
+        import json
+
+        import tokenizers
+
+        self.tok = tokenizers.Tokenizer.from_file(str(path))
+        self.tok.encode_special_tokens = True  # special-token text in the input is data
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.name, self.fingerprint = name, fingerprint
+        self.vocab_size = max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        added = self.tok.get_added_tokens_decoder()
+        self.special_tokens = {t.content: i for i, t in added.items() if t.special}
+        config: dict = {}
+        cfg_path = path.parent / "tokenizer_config.json"
+        if cfg_path.is_file():
+            try:
+                config = json.loads(cfg_path.read_text())
+            except ValueError:
+                config = {}
+
+        def named(key: str, usual: tuple[str, ...]) -> int | None:
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            for text in ([value] if isinstance(value, str) else []) + list(usual):
+                if (i := self.tok.token_to_id(text)) is not None:
+                    return i
+            return None
+
+        self.eos_id = named("eos_token", ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"))
+        self.bos_id = named("bos_token", ("<s>", "<|begin_of_text|>", "<bos>"))
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
+        self._byte_level = "ByteLevel" in kinds
+        self._bytes: dict[int, bytes] = {}
+        self._byte_map = _byte_decoder()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id not in self._bytes:
+            piece = self.tok.id_to_token(token_id)
+            if piece is None:
+                raise KeyError(f"{self.name} has no id {token_id}")
+            if token_id in self.tok.get_added_tokens_decoder():
+                out = piece.encode()
+            elif self._byte_level:
+                out = bytes(self._byte_map.get(c, 0) for c in piece)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # SentencePiece byte fallback
+                out = bytes([int(piece[3:5], 16)])
+            else:
+                out = piece.replace("▁", " ").encode()
+            self._bytes[token_id] = out
+        return self._bytes[token_id]
+
+
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255, then ``<|endoftext|>`` = 256. Needs no files."""
 
@@ -226,8 +308,9 @@ def tokenizer_search_dirs() -> list[Path]:
 
 def load_tokenizer(name_or_path: str, *, paths: bool = True) -> Tokenizer:
     """Load a tokenizer by name ("gpt2"/"gpt-2", "llama2", "llama3", "qwen3"/"qwen", "byte") or by the path of
-    a SentencePiece model or tiktoken ranks file. Each one loads once per process. ``paths=False`` (a request
-    from the HTTP API) takes names only: their files come from :func:`tokenizer_search_dirs`.
+    a SentencePiece model, tiktoken ranks file or Hugging Face tokenizer.json. Each one loads once per process.
+    ``paths=False`` (a request from the HTTP API) takes names only: their files come from
+    :func:`tokenizer_search_dirs`.
 
     Raises:
         TokenizerNotFoundError: the files are missing (the message lists where slmb looked) or the name is unknown.
@@ -293,6 +376,11 @@ def _load_file(family: str | None, path: str, size: int, mtime_ns: int) -> Token
     raw = Path(path).read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     name = family or path
+    if family is None and raw.lstrip()[:1] == b"{":  # a Hugging Face tokenizer.json
+        try:
+            return HFTokenizer(name, Path(path), digest[:16])
+        except Exception as e:  # tokenizers' own parse errors
+            raise TokenizerError(f"{path} is JSON but not a tokenizer.json the tokenizers package reads: {e}") from e
     # A tiktoken ranks file is text lines "<base64> <rank>"; a SentencePiece model is a binary protobuf.
     is_tiktoken = re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", raw[:512]) is not None
     if family is not None and is_tiktoken != (family != "llama2"):

@@ -538,6 +538,10 @@ class _Loop:
         tokenizer = load_tokenizer(cfg.tokenizer_name, paths=not self.confined)
         torch.manual_seed(cfg.seed)
         model = build_model(req, device=_build_device(req, device, strategy))
+        if cfg.init_from is not None:  # pretrained weights, checked shape for shape, before any wrapping
+            from slmb.core.interop import init_from_weights, load_init_weights
+
+            init_from_weights(model, load_init_weights(cfg.init_from, confined=self.confined), cfg.init_from)
         if dist.rank:  # dropout's masks differ between ranks (rank 0 keeps the one-process stream)
             torch.manual_seed(cfg.seed + dist.rank)
         check_vocab(model.vocab_size, tokenizer)  # before any data is tokenized or step taken
