@@ -200,9 +200,16 @@ def test_bad_chat_messages_are_bad_requests_with_a_pointer(api):
     assert err.value.body["message"].startswith("messages[1].role: Input should be 'system'")
     with httpx.Client(base_url=api, timeout=30) as c:
         resp = c.post("/v1/chat/completions", json={"model": MODEL})
+        wrong_stop = c.post("/v1/completions", json={"model": MODEL, "stop": [1]})
+        not_json = c.post("/v1/completions", content='{"model": ', headers={"content-type": "application/json"})
     assert resp.status_code == 400
     assert resp.json() == {"error": {"message": "messages: Field required", "type": "invalid_request_error",
                                      "param": "messages", "code": "invalid_value"}}
+    assert (wrong_stop.status_code, wrong_stop.json()["error"]["message"]) == (
+        400, "stop: must be a string or a list of strings")
+    assert not_json.status_code == 400 and not_json.json()["error"] == {
+        "message": "the body is not valid JSON: Expecting value (at character 10)", "type": "invalid_request_error",
+        "param": None, "code": "invalid_json"}
 
 
 def test_broken_model_is_a_conflict_naming_why(api):

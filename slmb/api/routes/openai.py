@@ -76,6 +76,11 @@ async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
     return JSONResponse(printable(exc.body()), status_code=exc.status, headers=headers)
 
 
+# What a field that takes one of several types expects, for a message clearer than one per union branch.
+UNION_FIELDS = {"stop": "a string or a list of strings", "prompt": "a string or a list of one string",
+                "content": "a string or a list of text parts"}
+
+
 def _param(loc: tuple | list) -> str | None:
     """A pydantic location (``("body", "messages", 0, "role")``) as OpenAI names fields (``messages[0].role``)."""
     out = ""
@@ -87,13 +92,27 @@ def _param(loc: tuple | list) -> str | None:
     return out or None
 
 
+def _within(param: str | None, outer: str | None) -> bool:
+    """Whether ``param`` is ``outer`` or a part of it (``stop[0]`` of ``stop``)."""
+    return bool(param and outer) and param.startswith(outer) and param[len(outer):][:1] in ("", "[", ".")
+
+
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """A /v1 body that does not validate: a 400 naming the first field at fault, as OpenAI answers (the client
     raises ``BadRequestError``), instead of FastAPI's 422 list."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        problem = (first.get("ctx") or {}).get("error", "")
+        message = f"the body is not valid JSON: {problem} (at character {first['loc'][-1]})"
+        return await openai_error(request, OpenAIError(400, message, code="invalid_json"))
     param = _param(first.get("loc", ()))
-    message = f"{param}: {first['msg']}" if param else str(first["msg"])
+    field = re.sub(r"\[\d+\]$", "", (param or "").rsplit(".", 1)[-1])
+    if field in UNION_FIELDS:  # one problem however many branches of the union failed: the field is neither
+        errors = [errors[0]] + [e for e in errors[1:] if not _within(_param(e.get("loc", ())), param)]
+        message = f"{param}: must be {UNION_FIELDS[field]}"
+    else:
+        message = f"{param or 'the body'}: {first['msg']}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
     return await openai_error(request, OpenAIError(400, message, param=param, code="invalid_value"))
