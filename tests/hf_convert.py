@@ -1,117 +1,30 @@
 """Canvas bodies equivalent to Hugging Face GPT-2 / Llama / Qwen3 configs, and weight copies into slmb models.
 
-The bodies are written the way the ReactFlow front end sends them (``type`` + ``data`` with ``id``, ``label``,
-``inDim``/``outDim`` and camelCase keys; see ``shared/requests/*-reference.json``), so the parity tests also
-exercise the request parser. The copies map Hugging Face state-dict keys onto the compiled module tree.
+The bodies are slmb.core.interop's (what ``slmb import`` writes), in the ReactFlow front end's format (``type`` +
+``data`` with ``id``, ``label``, ``inDim``/``outDim`` and camelCase keys; see ``shared/requests/*-reference.json``),
+so the parity tests also exercise the request parser. The copies map Hugging Face state-dict keys onto the compiled
+module tree.
 """
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
-
 import torch
 
+from slmb.core import interop
 from slmb.core import nodes as N
 from slmb.core.model import SLM
 
-_ids = itertools.count(1758820556650)
-
-
-def _node(type_: str, label: str, in_dim: int, out_dim: int, **data: Any) -> dict:
-    return {"type": type_, "data": {"id": f"{type_}-{next(_ids)}", "label": label, "inDim": in_dim,
-                                    "outDim": out_dim, **data}}
-
-
-def _body(config: dict, model: list[dict], name: str) -> dict:
-    return {"config": {"epochs": 1, "batch_size": 1, "dtype": "fp32", **config}, "model": model,
-            "modelName": name, "dataset": "tiny_shakespeare", "dataset_config": "default"}
-
 
 def gpt2_body(hf_cfg, act: str, tied: bool) -> dict:
-    """GPT-2 canvas: learned positions, pre-LN blocks whose residuals name the LayerNorm by bare id."""
-    E, V, C = hf_cfg.n_embd, hf_cfg.vocab_size, hf_cfg.n_positions
-    ln = dict(normType="Layer Normalization", eps=hf_cfg.layer_norm_epsilon)
-    norm1 = _node("normalization", "Normalization", E, E, **ln)
-    norm2 = _node("normalization", "Normalization", E, E, **ln)
-    block = [
-        norm1,
-        _node("mhAttention", "MH Attention", E, E, numHeads=hf_cfg.n_head, ctxLength=C, dropoutRate=0.1,
-              qkvBias=True, isRoPE=False, ropeBase=10000),
-        _node("dropout", "Dropout", E, E, dropoutRate=0.1),
-        _node("residual", "Residual", E, E, source=norm1["data"]["id"]),
-        norm2,
-        _node("feedForward", "Feed Forward", E, E, hiddenDim=hf_cfg.n_inner or 4 * E, feedForwardType="Standard",
-              actFunc=act, bias=True),
-        _node("dropout", "Dropout", E, E, dropoutRate=0.1),
-        _node("residual", "Residual", E, E, source=norm2["data"]["id"]),
-    ]
-    model = [
-        _node("tokenEmbedding", "Token Embedding", E, E, vocabSize=V, embDim=E),
-        _node("positionalEmbedding", "Positional Embedding", E, E, ctxLength=C,
-              posType="Learned Positional Embedding", vocabSize=V, embDim=E),
-        _node("dropout", "Dropout", E, E, dropoutRate=0.1),
-        {**_node("transformerBlock", "Transformer Block", E, E, numOfBlocks=hf_cfg.n_layer), "children": block},
-        _node("normalization", "Normalization", E, E, **ln),
-        _node("linear", "Linear", E, V, bias=False, weightTying=tied),
-    ]
-    config = dict(model="gpt-2", vocab_size=V, context_length=C, stride=C, emb_dim=E, n_heads=hf_cfg.n_head,
-                  n_blocks=hf_cfg.n_layer, drop_rate=0.1, qkv_bias=True)
-    return _body(config, model, "parity-gpt2")
+    """GPT-2 canvas (slmb.core.interop's, which ``slmb import`` writes)."""
+    return interop.gpt2_body(hf_cfg, act, tied, name="parity-gpt2")
 
 
 def llama_body(hf_cfg, *, attention: str = "gqAttention", qk_norm: bool = False, model_family: str = "llama3") -> dict:
-    """Llama 2/3 and Qwen3 canvas: RMSNorm pre-norm blocks, ``<normId>:in`` residuals, gated SwiGLU.
-
-    ``attention="mhAttention"`` writes the Llama 2 form the canvas also allows: a rotary positional node
-    followed by MH attention nodes without an ``isRoPE`` key.
-    """
-    E, V, C = hf_cfg.hidden_size, hf_cfg.vocab_size, hf_cfg.max_position_embeddings
-    H, KV, hd = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads, hf_cfg.head_dim
-    rope = hf_cfg.rope_parameters
-    rms = dict(normType="RMS Normalization", eps=hf_cfg.rms_norm_eps)
-    norm1 = _node("normalization", "Normalization", E, E, **rms)
-    norm2 = _node("normalization", "Normalization", E, E, **rms)
-    if attention == "mhAttention":
-        assert KV == H and hd == E // H and rope.get("rope_type", "default") == "default"
-        attn = _node("mhAttention", "MH Attention", E, E, numHeads=H, ctxLength=C, dropoutRate=0, qkvBias=False,
-                     ropeBase=rope["rope_theta"])
-    else:
-        extra = {}
-        if rope.get("rope_type") == "llama3":
-            extra["ropeConfig"] = {"factor": rope["factor"], "low_freq_factor": rope["low_freq_factor"],
-                                   "high_freq_factor": rope["high_freq_factor"],
-                                   "original_context_length": rope["original_max_position_embeddings"]}
-        if hd != E // H:
-            extra["headDim"] = hd
-        attn = _node("gqAttention", "GQ Attention", E, E, numHeads=H, ctxLength=C, dropoutRate=0, qkvBias=False,
-                     isRoPE=True, ropeBase=rope["rope_theta"], numKvGroups=KV, qkNorm=qk_norm,
-                     qkNormEps=hf_cfg.rms_norm_eps, **extra)
-    block = [
-        norm1,
-        attn,
-        _node("residual", "Residual", E, E, source=f"{norm1['data']['id']}:in"),
-        norm2,
-        _node("feedForward", "Feed Forward", E, E, hiddenDim=hf_cfg.intermediate_size, feedForwardType="Gated",
-              actFunc="SwiGLU", bias=False),
-        _node("residual", "Residual", E, E, source=f"{norm2['data']['id']}:in"),
-    ]
-    model = [_node("tokenEmbedding", "Token Embedding", E, E, vocabSize=V, embDim=E)]
-    if attention == "mhAttention":
-        model.append(_node("positionalEmbedding", "Positional Embedding", E, E, ctxLength=C,
-                           posType="Rotary Positional Embedding", vocabSize=V, embDim=E))
-    model += [
-        {**_node("transformerBlock", "Transformer Block", E, E, numOfBlocks=hf_cfg.num_hidden_layers),
-         "children": block},
-        _node("normalization", "Normalization", E, E, **rms),
-        _node("linear", "Linear", E, V, bias=False, weightTying=hf_cfg.tie_word_embeddings),
-    ]
-    config = dict(model=model_family, vocab_size=V, context_length=C, stride=C, emb_dim=E, n_heads=H,
-                  n_blocks=hf_cfg.num_hidden_layers, hidden_dim=hf_cfg.intermediate_size, n_kv_groups=KV,
-                  rope_base=rope["rope_theta"], head_dim=hd, qk_norm=qk_norm, qk_norm_eps=hf_cfg.rms_norm_eps)
-    if "ropeConfig" in attn["data"]:
-        config["rope_freq"] = attn["data"]["ropeConfig"]
-    return _body(config, model, f"parity-{model_family}")
+    """Llama 2/3 and Qwen3 canvas (slmb.core.interop's); ``attention="mhAttention"``: the Llama 2 form with a
+    rotary positional node followed by MH attention nodes without an ``isRoPE`` key."""
+    return interop.llama_body(hf_cfg, attention=attention, qk_norm=qk_norm, model_family=model_family,
+                              name=f"parity-{model_family}")
 
 
 def _parts(slm: SLM):

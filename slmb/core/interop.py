@@ -150,7 +150,7 @@ def _get(hf: Mapping[str, Any], field: str, *alts: str, default: Any = ...) -> A
 
 def _attr(cfg: Any, field: str, *alts: str, default: Any = ...) -> Any:
     """A config value from a dict (config.json) or a transformers config object."""
-    return _get(cfg if isinstance(cfg, Mapping) else vars(cfg), field, *alts, default=default)
+    return _get(cfg if isinstance(cfg, Mapping) else cfg.to_dict(), field, *alts, default=default)
 
 
 def _gpt2_act(hf_act: str) -> str:
