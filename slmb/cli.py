@@ -156,7 +156,8 @@ def _render_report(report, file: Path) -> None:
 @app.command("export")
 def export_model(model: str = typer.Argument(..., help="name of a completed model (see `slmb list`)"),
                  out_dir: Path = typer.Argument(..., help="directory to write (new, or empty)"),
-                 fmt: str = typer.Option("hf", "--format", help="hf: a transformers checkpoint (gguf: not yet)")
+                 fmt: str = typer.Option("hf", "--format",
+                                         help="hf: a transformers checkpoint; gguf: model.gguf for llama.cpp")
                  ) -> None:
     """Write a completed model as a transformers checkpoint (GPT-2, Llama or Qwen3 canvases) that
     AutoModelForCausalLM.from_pretrained(OUT_DIR) and AutoTokenizer load offline, with the same logits.

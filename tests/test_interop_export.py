@@ -182,10 +182,58 @@ def test_exact_gelu_maps_to_gelu_and_gated_gpt2_is_refused(tmp_path: Path) -> No
         export_hf("nobias", tmp_path / "out")
 
 
-def test_gguf_is_a_clear_error(tmp_path: Path) -> None:
+def _gguf(path: Path) -> tuple[dict, dict]:
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    return fields, tensors
+
+
+def test_gguf_llama3(tmp_path: Path) -> None:
+    from slmb.core.export import _llama3_rope_factors, hf_state
+
+    pytest.importorskip("gguf")
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    body = llama_body(_llama_cfg(BYTE_V, rope_parameters=rope, tie_word_embeddings=False))
+    _save("gl", body, "byte")
+    result = export_hf("gl", tmp_path / "out", "gguf")
+    assert result.files == ["model.gguf"]
+    fields, tensors = _gguf(tmp_path / "out" / "model.gguf")
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == LAYERS
+    assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (HEADS, KV)
+    assert fields["llama.embedding_length"] == E and fields["llama.context_length"] == CTX
+    assert fields["llama.rope.freq_base"] == 500000.0 and fields["llama.feed_forward_length"] == 48
+    assert fields["tokenizer.ggml.model"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == BYTE_V
+    assert fields["tokenizer.ggml.eos_token_id"] == 256
+    request, sd, _ = store.load_completed("gl")
+    config, hf = hf_state(request, sd)
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(LAYERS) for n in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v",
+                                                                "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert torch.equal(tensors["rope_freqs.weight"], _llama3_rope_factors(config))
+    assert torch.equal(tensors["blk.1.ffn_down.weight"].reshape(E, 48), hf["model.layers.1.mlp.down_proj.weight"])
+    # Llama's q/k rows are permuted from rotate-half to interleaved pairs, head by head.
+    hd = E // HEADS
+    q = tensors["blk.0.attn_q.weight"].reshape(HEADS, hd // 2, 2, E).swapaxes(1, 2).reshape(E, E)
+    assert torch.equal(q, hf["model.layers.0.self_attn.q_proj.weight"])
+    k = tensors["blk.0.attn_k.weight"].reshape(KV, hd // 2, 2, E).swapaxes(1, 2).reshape(KV * hd, E)
+    assert torch.equal(k, hf["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_gguf_qwen3_and_refusals(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    _save("gq", llama_body(_qwen3_cfg(151669), qk_norm=True, model_family="qwen3"), "qwen3")
+    export_hf("gq", tmp_path / "q", "gguf")
+    fields, tensors = _gguf(tmp_path / "q" / "model.gguf")
+    assert fields["general.architecture"] == "qwen3" and fields["qwen3.attention.key_length"] == 16
+    assert fields["tokenizer.ggml.pre"] == "qwen2" and len(fields["tokenizer.ggml.tokens"]) == 151669
+    assert fields["tokenizer.ggml.tokens"][151643] == "<|endoftext|>" and fields["tokenizer.ggml.merges"]
+    assert "blk.0.attn_q_norm.weight" in tensors and "output.weight" not in tensors  # tied: llama.cpp reuses
     _save("g", _gpt2_nodes(), "byte")
-    with pytest.raises(ExportError, match="gguf is not supported yet"):
-        export_hf("g", tmp_path / "out", "gguf")
+    with pytest.raises(ExportError, match="gguf covers Llama and Qwen3"):
+        export_hf("g", tmp_path / "g", "gguf")
 
 
 def test_http_export_returns_a_loadable_zip(tmp_path: Path) -> None:

@@ -11,6 +11,9 @@ byte tokens + ``<|endoftext|>``), llama3 and qwen3 (their tiktoken ranks as a by
 as transformers converts Llama 3's), llama2 (its SentencePiece ``tokenizer.model`` copied), and an imported
 model's own files (copied as they came). ``tokenizer.json`` needs the ``tokenizers`` package. A tokenizer given
 as a file path is not exported: the weights are, with a warning saying which files to add.
+
+``--format gguf`` (Llama and Qwen3 canvases, needs the ``gguf`` package) writes one fp32 ``model.gguf`` laid out as
+llama.cpp's convert_hf_to_gguf.py writes those families; it is read back in the tests, not run through llama.cpp.
 """
 
 from __future__ import annotations
@@ -413,21 +416,8 @@ def _tiktoken_tokenizer_json(enc: Any, path: Path) -> None:
     tiktoken does), and the specials as added tokens that slmb's ``encode`` never produces from text."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    ranks: dict[bytes, int] = enc._mergeable_ranks
-    alphabet = _bytes_to_unicode()
-
-    def text(b: bytes) -> str:
-        return "".join(alphabet[x] for x in b)
-
-    merges: list[tuple[int, int, int, bytes, bytes]] = []
-    for token, rank in ranks.items():
-        for i in range(1, len(token)):
-            left, right = token[:i], token[i:]
-            if left in ranks and right in ranks:
-                merges.append((rank, ranks[left], ranks[right], left, right))
-    merges.sort()
-    bpe = models.BPE(vocab={text(t): r for t, r in ranks.items()},
-                     merges=[(text(a), text(b)) for *_, a, b in merges], fuse_unk=False, ignore_merges=True)
+    vocab, merges = _byte_level_bpe(enc._mergeable_ranks)
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True)
     tk = Tokenizer(bpe)
     tk.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(enc._pat_str), behavior="isolated", invert=False),
@@ -452,6 +442,24 @@ def _byte_tokenizer_json(path: Path) -> None:
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
     tk.save(str(path))
+
+
+def _byte_level_bpe(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocabulary, merges) of tiktoken ranks in the byte-level alphabet: each split of a token into two tokens is
+    a merge, ordered by the merged token's rank, then by the parts' ranks."""
+    alphabet = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(alphabet[x] for x in b)
+
+    found: list[tuple[int, int, int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                found.append((rank, ranks[left], ranks[right], left, right))
+    found.sort()
+    return {text(t): r for t, r in ranks.items()}, [(text(a), text(b)) for *_, a, b in found]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -480,8 +488,7 @@ def export_hf(model_name: str, out_dir: str | Path, fmt: str = "hf") -> ExportRe
     from slmb.core.store import get_model, load_completed
 
     if fmt == "gguf":
-        raise ExportError("--format gguf is not supported yet: export with --format hf and convert with llama.cpp's "
-                          "convert_hf_to_gguf.py")
+        return export_gguf(model_name, out_dir)
     if fmt != "hf":
         raise ExportError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     model_dir = get_model(model_name).path.resolve()
@@ -528,3 +535,167 @@ def _carried_files(model_dir: Path, metadata: dict[str, Any], out: Path, config:
             if isinstance(gen, dict) and gen.get(key) is not None:
                 config[key] = gen[key]
     return files
+
+
+# ---------------------------------------------------------------------------------------------------- gguf
+
+
+def _llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's Llama RoPE rotates interleaved pairs, transformers' rotates halves: convert_hf_to_gguf.py permutes
+    the rows of q_proj (n_head) and k_proj (n_kv_head) within each head. (rows, E) -> (rows, E)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_factors(config: dict[str, Any]) -> torch.Tensor:
+    """llama.cpp's rope_freqs.weight: the divisor of each RoPE frequency under Llama 3 scaling, (head_dim / 2,)."""
+    import math
+
+    sc, hd, base = config["rope_scaling"], config["head_dim"], config["rope_theta"]
+    factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _gguf_vocab(tok_name: str, vocab_size: int) -> dict[str, Any]:
+    """The tokenizer.ggml.* values for a tokenizer slmb names, padded to the model's vocabulary."""
+    import gguf
+
+    from slmb.core.tokenizers import canonical_tokenizer_name, load_tokenizer
+
+    name = canonical_tokenizer_name(tok_name) or tok_name
+    if name not in ("llama3", "qwen3", "byte", "llama2"):
+        raise ExportError("gguf export needs a tokenizer it can describe to llama.cpp (llama3, qwen3, llama2 or "
+                          f"byte); this model's is {tok_name!r}: export --format hf instead")
+    tok = load_tokenizer(tok_name)
+    normal, control = int(gguf.TokenType.NORMAL), int(gguf.TokenType.CONTROL)
+    out: dict[str, Any] = {"eos": tok.eos_id, "bos": tok.bos_id, "merges": [], "scores": None}
+    if name == "llama2":
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(_find_llama2()))
+        tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+        scores = [sp.get_score(i) for i in range(sp.get_piece_size())]
+        types = [int(gguf.TokenType.UNKNOWN) if sp.is_unknown(i) else control if sp.is_control(i)
+                 else int(gguf.TokenType.BYTE) if sp.is_byte(i) else normal for i in range(sp.get_piece_size())]
+        out.update(model="llama", pre="default", scores=scores)
+    elif name == "byte":
+        alphabet = _bytes_to_unicode()
+        tokens = [alphabet[b] for b in range(256)] + ["<|endoftext|>"]
+        types = [normal] * 256 + [control]
+        out.update(model="gpt2", pre="default")
+    else:
+        vocab, merges = _byte_level_bpe(tok.enc._mergeable_ranks)
+        tokens = [""] * tok.vocab_size
+        for t, r in vocab.items():
+            tokens[r] = t
+        types = [normal] * tok.vocab_size
+        for s_, i in tok.special_tokens.items():
+            tokens[i], types[i] = s_, control
+        out.update(model="gpt2", pre="llama-bpe" if name == "llama3" else "qwen2",
+                   merges=[f"{a} {b}" for a, b in merges])
+    for i in range(len(tokens), vocab_size):  # a padded model vocabulary: ids the tokenizer never produces
+        tokens.append(f"[PAD{i}]")
+        types.append(int(gguf.TokenType.UNUSED))
+        if out["scores"] is not None:
+            out["scores"].append(-1000.0)
+    out.update(tokens=tokens, types=types)
+    return out
+
+
+def _find_llama2() -> Path:
+    from slmb.core.tokenizers import _find
+
+    return _find("llama2")
+
+
+def export_gguf(model_name: str, out_dir: str | Path) -> ExportResult:
+    """Write ``out_dir/model.gguf`` (fp32) for a canvas that maps to Llama or Qwen3, laid out as llama.cpp's
+    convert_hf_to_gguf.py writes those families: tensor names, q/k row permutation for Llama, Llama 3 RoPE
+    scaling as rope_freqs.weight, and the tokenizer as tokenizer.ggml.* metadata."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("--format gguf needs the `gguf` package (pip install gguf==0.19.0)") from None
+    from slmb.core.store import load_completed
+
+    request, state_dict, metadata = load_completed(model_name)
+    config, sd = hf_state(request, state_dict)
+    arch = config["model_type"]
+    if arch == "gpt2":
+        raise ExportError("--format gguf covers Llama and Qwen3 canvases; this one maps to GPT-2: export --format hf "
+                          "and convert it with llama.cpp's convert_hf_to_gguf.py")
+    if config.get("attention_bias") or config.get("mlp_bias") or config["hidden_act"] != "silu":
+        raise ExportError("--format gguf covers Llama/Qwen3 without attention or MLP biases and with SwiGLU; "
+                          "export --format hf instead")
+    vocab = _gguf_vocab(str(metadata.get("tokenizer") or ""), config["vocab_size"])
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty directory; pick a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(out / "model.gguf"), arch)
+    w.add_name(model_name)
+    w.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_key_length(config["head_dim"])
+    w.add_value_length(config["head_dim"])
+    w.add_rope_dimension_count(config["head_dim"])
+    w.add_rope_freq_base(float(config["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    w.add_vocab_size(config["vocab_size"])
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if vocab["scores"] is not None:
+        w.add_token_scores(vocab["scores"])
+    if vocab["merges"]:
+        w.add_token_merges(vocab["merges"])
+    if vocab["bos"] is not None:
+        w.add_bos_token_id(vocab["bos"])
+        w.add_add_bos_token(vocab["model"] == "llama")
+    if vocab["eos"] is not None:
+        w.add_eos_token_id(vocab["eos"])
+    H, KV = config["num_attention_heads"], config["num_key_value_heads"]
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+                 "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    if arch == "llama" and config.get("rope_scaling"):
+        w.add_tensor("rope_freqs.weight", _llama3_rope_factors(config).numpy())
+    for key, t in sd.items():
+        if key in names:
+            gname = names[key]
+        else:
+            _, _, i, rest = key.split(".", 3)
+            module, _, kind = rest.rpartition(".")
+            gname = f"blk.{i}.{per_layer[module]}.{kind}"
+            if arch == "llama" and module == "self_attn.q_proj":
+                t = _llama_permute(t, H)
+            elif arch == "llama" and module == "self_attn.k_proj":
+                t = _llama_permute(t, KV)
+        w.add_tensor(gname, t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return ExportResult(out, f"gguf:{arch}", ["model.gguf"],
+                        ["the GGUF layout follows llama.cpp's convert_hf_to_gguf.py; slmb's tests read it back with "
+                         "the gguf package but do not run llama.cpp"])

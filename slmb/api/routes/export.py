@@ -31,10 +31,11 @@ def _zip_export(name: str, fmt: str) -> bytes:
 
 
 @router.get("/models/{name}/export", summary="A completed model as a transformers checkpoint (zip)")
-async def export_model(name: str, format: str = Query("hf", description="hf (gguf is not supported yet)")
-                       ) -> Response:
+async def export_model(name: str, format: str = Query(
+        "hf", description="hf: a transformers checkpoint; gguf: model.gguf for llama.cpp (Llama/Qwen3)")) -> Response:
     """The zip holds ``<name>/config.json``, ``model.safetensors``, ``generation_config.json`` and the tokenizer's
-    files. 404: no such model; 422: the canvas does not map to GPT-2, Llama or Qwen3 (the detail names the node)."""
+    files (``format=gguf``: ``<name>/model.gguf``). 404: no such model; 422: the canvas does not map to GPT-2,
+    Llama or Qwen3 (the detail names the node)."""
     from slmb.core.export import ExportError
     from slmb.core.store import BrokenModelError, StoreError
 
