@@ -336,3 +336,23 @@ def test_tiktoken_tokenizers_export_as_tokenizer_json(tmp_path: Path, tok_name: 
     assert len(hf_tok) == ours.vocab_size and hf_tok.eos_token_id == ours.eos_id
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["eos_token_id"] == ours.eos_id and cfg.get("bos_token_id") == ours.bos_id
+
+
+def test_mixed_blocks_and_wrong_norm_name_the_node(tmp_path: Path) -> None:
+    body = llama_body(_llama_cfg(BYTE_V))
+    second = copy.deepcopy(body["model"][1])
+    for child in second["children"]:
+        child["data"]["id"] += "-b"
+        if child["type"] == "residual":
+            child["data"]["source"] = child["data"]["source"].replace(":in", "-b:in")
+        if child["type"] == "feedForward":
+            child["data"]["hiddenDim"] = 64
+    body["model"].insert(2, second)
+    _save("mixed", body, "byte")
+    with pytest.raises(ExportError, match=r"node /model/2/children/4 .*feed-forward width is 64 here but 48"):
+        export_hf("mixed", tmp_path / "out")
+    body = llama_body(_llama_cfg(BYTE_V))
+    body["model"][1]["children"][3]["data"]["normType"] = "Layer Normalization"
+    _save("ln", body, "byte")
+    with pytest.raises(ExportError, match=r"node /model/1/children/3 .*layernorm in a Llama/Qwen3"):
+        export_hf("ln", tmp_path / "out")

@@ -339,7 +339,8 @@ def hf_state(request: dict[str, Any], state_dict: dict[str, torch.Tensor]
     The checks run on the plan before any weight is touched; the weights then come from the model built from
     that same plan, so every slmb module is matched to its node (no name guessing)."""
     p = plan(TrainRequest.model_validate(request))
-    _layout(p, build_model(p, device="meta"))  # judge the canvas before allocating or loading anything
+    shapes = _layout(p, build_model(p, device="meta"))  # judge the canvas before allocating or loading anything
+    _gpt2(shapes) if shapes.family == "gpt2" else _llama(shapes)
     model = build_model(p, init=False)
     model.load_state_dict(state_dict, strict=True)
     lay = _layout(p, model)
