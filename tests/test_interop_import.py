@@ -233,7 +233,7 @@ def _pretrained_gpt2(path: Path) -> tuple[torch.nn.Module, float]:
     return hf, final
 
 
-def _finetune_body(name: str, init_from: str, ctx: int = 16) -> dict:
+def _finetune_body(name: str, init_from: str, ctx: int = 16, tokenizer: str | None = "byte") -> dict:
     """The imported canvas with dropout 0 and a shorter context (a prefix of the learned positions)."""
     body, _, _ = load_completed(name)
     body = json.loads(json.dumps(body))
@@ -248,7 +248,7 @@ def _finetune_body(name: str, init_from: str, ctx: int = 16) -> dict:
             fix(n.get("children", []))
 
     fix(body["model"])
-    body["config"].update(tokenizer="byte", init_from=init_from, context_length=ctx, stride=ctx, batch_size=8,
+    body["config"].update(tokenizer=tokenizer, init_from=init_from, context_length=ctx, stride=ctx, batch_size=8,
                           max_steps=3, learning_rate=1e-4, warmup_steps=0, eval_every=1000, eval_batches=1,
                           drop_rate=0.0, max_rows=None)
     body["modelName"] = "tuned"
@@ -281,6 +281,24 @@ def test_finetune_starts_from_the_imported_loss(tmp_path):
     # From the CLI, init_from may name the checkpoint directory itself.
     result, losses = _train(_finetune_body("base", str(tmp_path / "ckpt")))
     assert abs(losses[0] - pre_loss) < 0.35
+
+
+def test_finetuned_model_keeps_the_imported_tokenizer(tmp_path):
+    """Without config.tokenizer, a run from an imported model trains with its tokenizer.json and the finished
+    model carries its own copy (re-importing the base does not change it). GPT-2's real vocabulary size: the
+    request's validation still checks it against the family's tokenizer (config.model "gpt-2")."""
+    src = _save(_gpt2(vocab=50257), tmp_path / "ckpt")
+    import_checkpoint(str(src), "base")
+    body = _finetune_body("base", "base", tokenizer=None)
+    body["config"]["max_steps"] = 2
+    result, losses = _train(body)
+    assert result.state == "finished" and len(losses) == 2
+    _, _, meta = load_completed("tuned")
+    assert meta["tokenizer"] == meta["tokenizer_file"] == "tokenizer.json"
+    assert (Path(result.path) / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    import_checkpoint(str(_save(_qwen3(), tmp_path / "other", tokenizer=False)), "base")
+    gen, _ = load_generator("tuned")
+    assert type(gen.tok).__name__ == "HFTokenizer" and gen.tok.decode(gen.tok.encode("To be")) == "To be"
 
 
 def test_mismatched_canvas_lists_every_difference(tmp_path):

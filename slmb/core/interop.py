@@ -569,3 +569,32 @@ def init_from_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor
         if target.is_meta:
             raise InteropError("config.init_from cannot load into a model built on the meta device")
         target.copy_(t.to(target.dtype))
+
+
+def init_tokenizer_files(source: str, *, confined: bool) -> dict[str, Path]:
+    """The tokenizer files of the model ``config.init_from`` names (file name -> path; the first is the one slmb
+    loads, the rest travel with it), so a fine-tuned model keeps its base's tokenizer; {} when it has none of its
+    own (a model trained in slmb records a tokenizer name instead)."""
+    from slmb.core.spec import MODEL_NAME_RE
+    from slmb.core.store import StoreError, get_model
+
+    folder: Path | None = None
+    own: str | None = None
+    if MODEL_NAME_RE.match(source):
+        try:
+            entry = get_model(source)
+        except StoreError:
+            entry = None
+        if entry is not None:
+            own = entry.metadata.get("tokenizer_file")
+            folder = entry.path.resolve()
+            if not isinstance(own, str) or Path(own).name != own:
+                return {}
+    if folder is None and not confined:
+        folder = resolve_source(source)
+        own = find_tokenizer_file(folder)
+    if folder is None or own is None or not (folder / own).is_file():
+        return {}
+    files = {own: folder / own}
+    files.update({f: folder / f for f in COMPANION_FILES if (folder / f).is_file()})
+    return files

@@ -502,6 +502,8 @@ class _Loop:
         self.total_steps = 0
         self.best_weights: dict[str, torch.Tensor] | None = None  # with early stopping: the best eval's weights
         self.parameters = 0
+        # config.init_from's own tokenizer files (an imported checkpoint's), copied into the finished model.
+        self.own_tokenizer: dict[str, Path] = {}
 
     def emit(self, event_type: type[ev.Event], **data: Any) -> None:
         self.emitter.emit(event_type(task_id=self.task_id, **data))
@@ -535,7 +537,14 @@ class _Loop:
         if refusal:
             raise MemoryLimitError(refusal)
 
-        tokenizer = load_tokenizer(cfg.tokenizer_name, paths=not self.confined)
+        if cfg.init_from is not None and cfg.tokenizer is None:  # the pretrained model's own tokenizer
+            from slmb.core.interop import init_tokenizer_files
+
+            self.own_tokenizer = init_tokenizer_files(cfg.init_from, confined=self.confined)
+        if self.own_tokenizer:
+            tokenizer = load_tokenizer(str(next(iter(self.own_tokenizer.values()))))
+        else:
+            tokenizer = load_tokenizer(cfg.tokenizer_name, paths=not self.confined)
         torch.manual_seed(cfg.seed)
         model = build_model(req, device=_build_device(req, device, strategy))
         if cfg.init_from is not None:  # pretrained weights, checked shape for shape, before any wrapping
@@ -750,7 +759,9 @@ class _Loop:
                         "best_val_loss": st.best_val_loss, "last_step_loss": st.last_loss, "loss_ema": st.loss_ema},
             **mlflow,
         }
-        path = save_completed(self.model_name, self.body, weights, metadata)
+        if self.own_tokenizer:
+            metadata["tokenizer"] = metadata["tokenizer_file"] = next(iter(self.own_tokenizer))
+        path = save_completed(self.model_name, self.body, weights, metadata, extra_files=self.own_tokenizer)
         self.control.write_status(self.task_id, "finished", step=st.step, path=str(path))
         self.emit(ev.Status, state="finished")
         self.emit(ev.Finished, model_name=self.model_name, step=st.step, train_loss=st.eval_train_loss,
