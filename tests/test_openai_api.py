@@ -231,3 +231,62 @@ def test_the_bearer_token_is_required_when_configured(backend, api):
     assert [m.id for m in client(url, TOKEN).models.list().data] == [MODEL]
     out = client(url, TOKEN).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
     assert out.usage.completion_tokens <= 4
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _imported_chat_model(path, seed: int = 5, end_scale: float = 1.0) -> tuple:
+    """A tiny random Qwen3 checkpoint with a byte-level BPE tokenizer.json of exactly its vocabulary and a ChatML
+    chat template, imported into the store as ``oa-qwen``. Returns (the transformers model, its tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from slmb.core.interop import import_checkpoint
+
+    vocab = 300
+    cfg = transformers.Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=128, tie_word_embeddings=True,
+                                   attn_implementation="eager", bos_token_id=None, eos_token_id=None,
+                                   pad_token_id=None)
+    torch.manual_seed(seed)
+    hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights far from flat, so greedy paths have no near-ties
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+        hf.model.embed_tokens.weight[2] *= end_scale  # <|im_end|> (id 2): a large row ends turns soon
+    path.mkdir(parents=True)
+    hf.save_pretrained(path)
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["user assistant system To be, or not to be, that is the question"] * 20, trainer)
+    tok.add_special_tokens([f"<|extra_{i}|>" for i in range(vocab - tok.get_vocab_size())])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    import_checkpoint(str(path), "oa-qwen")
+    return hf, transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def test_chat_with_an_imported_checkpoint_matches_transformers(api, tmp_path):
+    """The checkpoint's template, its special tokens as ids and its end of turn, as transformers' chat does."""
+    hf, hf_tok = _imported_chat_model(tmp_path / "qwen", seed=9, end_scale=3.0)  # ends its turn after 4 tokens
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "To be, or not"}]
+    prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    out = client(api).chat.completions.create(model="oa-qwen", messages=messages, max_tokens=12, temperature=0)
+    assert out.usage.prompt_tokens == len(prompt)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    new = ref[0, len(prompt):].tolist()
+    end = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    cut = new.index(end) if end in new else len(new)
+    assert cut < len(new)  # the model ends its turn: slmb stops there, at the template's end-of-turn token
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens == cut
+    assert out.choices[0].message.content == hf_tok.decode(new[:cut])
