@@ -200,6 +200,21 @@ def test_a_weight_that_does_not_map_is_named(tmp_path):
         convert_checkpoint(src)
 
 
+def test_gpt2_without_the_transformer_prefix(tmp_path):
+    """The original GPT-2 uploads name tensors "h.0.attn.c_attn.weight", with the causal-mask buffers saved."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _gpt2()
+    src = _save(hf, tmp_path / "ckpt", tokenizer=False)
+    sd = {k.removeprefix("transformer."): v for k, v in load_file(str(src / "model.safetensors")).items()}
+    sd["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, CTX, CTX))
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    conv = convert_checkpoint(src)
+    ids = torch.arange(CTX)[None]
+    with torch.no_grad():
+        assert (load_model(conv.body, conv.state_dict)(ids) - hf(input_ids=ids).logits).abs().max() < 1e-4
+
+
 # ---------------------------------------------------------------- fine-tuning
 
 

@@ -478,7 +478,11 @@ def convert_checkpoint(source: str | Path, name: str = "imported") -> Converted:
         model = build_model(TrainRequest.model_validate(body), device="meta")
     except Exception as exc:  # a value the canvas validator refuses (too large, out of range)
         raise InteropError(f"config.json gives a canvas slmb cannot build: {exc}") from None
-    sd = hf_to_slmb_state_dict(model, arch, tied, load_hf_state_dict(path))
+    hf_sd = load_hf_state_dict(path)
+    if arch == "GPT2LMHeadModel" and "wte.weight" in hf_sd and "transformer.wte.weight" not in hf_sd:
+        # The original GPT-2 uploads name the GPT2Model's tensors without the "transformer." prefix.
+        hf_sd = {k if k.startswith("lm_head.") else f"transformer.{k}": v for k, v in hf_sd.items()}
+    sd = hf_to_slmb_state_dict(model, arch, tied, hf_sd)
     if tied:  # the compiled model's state dict names the shared tensor under both keys
         links = weight_links(model, arch, tied)
         sd[links[-1].slmb] = sd[links[0].slmb]
