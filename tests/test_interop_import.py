@@ -200,6 +200,21 @@ def test_a_weight_that_does_not_map_is_named(tmp_path):
         convert_checkpoint(src)
 
 
+def test_legacy_rope_keys(tmp_path):
+    """config.json from transformers 4 (rope_theta + rope_scaling, as the Llama 3.x uploads have) reads the same."""
+    hf = _llama()
+    src = _save(hf, tmp_path / "ckpt", tokenizer=False)
+    cfg = json.loads((src / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = rope
+    (src / "config.json").write_text(json.dumps(cfg))
+    conv = convert_checkpoint(src)
+    ids = torch.arange(CTX)[None]
+    with torch.no_grad():
+        assert (load_model(conv.body, conv.state_dict)(ids) - hf(input_ids=ids).logits).abs().max() < 1e-4
+
+
 def test_gpt2_without_the_transformer_prefix(tmp_path):
     """The original GPT-2 uploads name tensors "h.0.attn.c_attn.weight", with the causal-mask buffers saved."""
     from safetensors.torch import load_file, save_file
