@@ -87,9 +87,11 @@ def resolve_source(source: str) -> Path:
                 if snap.is_dir() and _is_checkpoint(snap):
                     return snap.resolve()
     places = "\n".join(f"  {p}" for p in looked)
+    is_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    advice = (f"Download it first (e.g. `hf download {source}`) or pass its directory" if is_id
+              else "Pass a checkpoint directory, or a model id (org/name) that is in the Hugging Face cache")
     raise InteropError(f"no transformers checkpoint {source!r} on this machine (slmb never downloads). Looked at:\n"
-                       f"{places}\nDownload it first (e.g. `huggingface-cli download {source}`) or pass its "
-                       "directory")
+                       f"{places}\n{advice}")
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:
