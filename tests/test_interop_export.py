@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -247,9 +248,12 @@ def test_http_export_returns_a_loadable_zip(tmp_path: Path) -> None:
     _save("websin", body, "byte")
     client = TestClient(create_app(Settings(redis_url="redis://127.0.0.1:1/0", api_token="t")))
     auth = {"Authorization": "Bearer t"}
+    before = set(Path(tempfile.gettempdir()).glob("slmb-export-*"))
     assert client.get("/api/v1/models/web/export?format=hf").status_code == 401
     r = client.get("/api/v1/models/web/export?format=hf", headers=auth)
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert 'filename="web-hf.zip"' in r.headers["content-disposition"]
+    assert set(Path(tempfile.gettempdir()).glob("slmb-export-*")) <= before  # removed once sent
     zipfile.ZipFile(io.BytesIO(r.content)).extractall(tmp_path)
     assert _max_diff(slm, tmp_path / "web", BYTE_V) < 1e-4
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "web").encode("hi") == [104, 105]
