@@ -546,6 +546,8 @@ def tokenizer_vocab(req: TrainRequest) -> int | None:
     """The vocabulary of the request's tokenizer when known without loading files (None for file paths)."""
     from slmb.core.tokenizers import KNOWN_VOCAB_SIZES, canonical_tokenizer_name
 
+    if req.config.tokenizer is None and req.config.init_from:
+        return None  # the base model's own tokenizer file, known once it is loaded (the trainer checks it then)
     name = canonical_tokenizer_name(req.config.tokenizer_name)
     return KNOWN_VOCAB_SIZES.get(name) if name else None
 
@@ -555,7 +557,7 @@ def check_tokenizer(p: Plan) -> Iterator[Issue]:
     from slmb.core.tokenizers import canonical_tokenizer_name
 
     c = p.request.config
-    if c.tokenizer is None and canonical_tokenizer_name(c.model) is None:
+    if c.tokenizer is None and canonical_tokenizer_name(c.model) is None and not c.init_from:
         yield Issue("/config/model", f"unknown model family {c.model!r}", expected="gpt-2, llama2, llama3 or qwen3",
                     found=_short(c.model), hint='or set config.tokenizer ("gpt2", "byte", or a file path)')
     elif c.tokenizer and canonical_tokenizer_name(c.tokenizer) is None and not _looks_like_path(c.tokenizer):
