@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,9 +42,9 @@ def _shared() -> Path:
     return Path(os.environ.get("SLMB_SHARED_DIR") or ROOT.parent / "shared")
 
 
-def _hf_like(**kw: Any) -> SimpleNamespace:
-    """A transformers config's fields, as tests/hf_convert.llama_body reads them."""
-    return SimpleNamespace(**{"rms_norm_eps": 1e-6, **kw})
+def _hf_like(**kw: Any) -> dict[str, Any]:
+    """A transformers config.json's fields, as slmb.core.interop's llama_body reads them."""
+    return {"rms_norm_eps": 1e-6, **kw}
 
 
 def canvases() -> dict[str, dict[str, Any]]:
