@@ -59,3 +59,16 @@ def _isolated_home(_restored_environ, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("SLMB_TOKENIZER_DIR", str(shared_dir() / "tokenizers"))
     monkeypatch.setenv("SLMB_DATA_DIR", str(shared_dir() / "datasets"))
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Toy models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that wait on
+    each other make steps 50x slower. OMP_NUM_THREADS set tells the trainer to leave the count alone."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,16 +23,7 @@ from slmb.core.spec import TrainRequest
 from slmb.core.trainer import get_lr, train
 from slmb.core.validate import RequestInvalidError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch):
-    # Toy models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads that wait on
-    # each other make steps 50x slower. OMP_NUM_THREADS set tells the trainer to leave the count alone.
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run(body, **kwargs):

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +44,7 @@ from rq.serializers import JSONSerializer
 
 from slmb.api import redis_events as rev
 from slmb.core import events as ev
+from slmb.core.distributed import die_with_parent  # the work-horse calls it; serve starts its children with it
 from slmb.core.store import new_task_id
 
 log = logging.getLogger("slmb.worker")
@@ -217,23 +217,6 @@ def on_failure(job: Any, connection: redis.Redis, exc_type: type, exc_value: Bas
         message = "the worker running this task was lost"
     beat(connection, job.id, FINALIZE_TTL_S)
     rev.RedisControl(connection).close_failed(job.id, message, exc_type.__name__)
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (a no-op elsewhere).
-
-    The work-horse calls it with SIGKILL: RQ puts the horse in its own process group, so a killed worker would
-    otherwise leave an orphan that trains on, unsupervised, after its job has been declared failed. ``slmb
-    serve`` starts its Redis and workers with it, so nothing outlives a killed ``serve``.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os.kill(os.getpid(), sig)
 
 
 def liveness_s() -> int:

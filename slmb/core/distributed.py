@@ -498,7 +498,11 @@ def start(cmd: Sequence[str], env: Mapping[str, str] | None = None, **popen: Any
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent exits (PR_SET_PDEATHSIG); no-op elsewhere."""
+    """Ask Linux to send ``sig`` to this process when its parent exits (PR_SET_PDEATHSIG); no-op elsewhere.
+
+    Ranks call it (torchrun gone: they go too), torchrun gets it from ``start``, the service's work-horse calls it
+    (RQ puts the horse in its own process group, so a killed worker would otherwise leave an orphan training on),
+    and ``slmb serve`` starts its Redis and workers with it, so nothing outlives a killed ``serve``."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
