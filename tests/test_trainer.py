@@ -13,11 +13,16 @@ from slmb.core.compiler import build_model
 from slmb.core.control import FileControl
 from slmb.core.runtime import (
     AUTO_BF16_MIN_PARAMS,
+    PEAKS_FILE,
     PROBE_N,
     autocast_for,
     cpu_has_native_bf16,
+    machine_key,
     matmul_peak,
     matmul_peak_size,
+    read_peaks,
+    trusted_peak,
+    utilisation,
 )
 from slmb.core.spec import TrainRequest
 from slmb.core.trainer import get_lr, train
@@ -86,8 +91,8 @@ def test_event_sequence_checkpoints_and_completed_model():
     assert started.flops_per_token == model.flops_per_token(32) and started.peak_flops > 1e9
     for e in got:
         if e.name in ("step", "progress"):
-            assert 0 < e.mfu < 1
-            assert e.mfu == pytest.approx(e.tokens_per_sec * started.flops_per_token / started.peak_flops)
+            assert e.model_flops == pytest.approx(e.tokens_per_sec * started.flops_per_token)
+            assert 0 < e.mfu <= 1 and e.mfu == pytest.approx(e.model_flops / started.peak_flops)
     progress = [e for e in got if e.name == "progress"]
     assert progress[-1].progress == 100.0 and progress[-1].eta_s == 0
 
@@ -262,6 +267,48 @@ def test_auto_dtype_is_the_default_and_resolves_by_device_and_size():
     _, events = run(body)
     started = next(e for e in events if e.name == "started")
     assert started.dtype == "fp32" and not [e for e in events if e.name == "warning"]
+
+
+def test_trusted_peak_keeps_the_best_measurement_per_machine_so_mfu_never_passes_100_percent(tmp_path):
+    """A busy start-up measures the peak low (MFU read 256-1,252% under load): the best measurement this machine has
+    shown is cached under $SLMB_HOME and used instead, and raised when a later one is higher."""
+    cpu = torch.device("cpu")
+    key = machine_key(cpu, "bf16")
+    assert f"threads={torch.get_num_threads()}" in key and "|bf16|" in key and key != machine_key(cpu, "fp32")
+    assert trusted_peak(cpu, "bf16", tmp_path, measure=lambda: 4e11) == 4e11  # first: its own measurement, recorded
+    assert read_peaks(tmp_path) == {key: 4e11}
+    # Later, under load: the cores give a quarter of that. The recorded peak stands and the file is unchanged.
+    before = (tmp_path / PEAKS_FILE).read_bytes()
+    assert trusted_peak(cpu, "bf16", tmp_path, measure=lambda: 1e11) == 4e11
+    assert (tmp_path / PEAKS_FILE).read_bytes() == before
+    # A better moment raises it; other settings keep their own.
+    assert trusted_peak(cpu, "bf16", tmp_path, measure=lambda: 5e11) == 5e11
+    assert trusted_peak(cpu, "fp32", tmp_path, measure=lambda: 2e11) == 2e11
+    assert read_peaks(tmp_path) == {key: 5e11, machine_key(cpu, "fp32"): 2e11}
+    assert trusted_peak(cpu, "bf16", None, measure=lambda: 1e11) == 1e11  # no home: this measurement alone
+    # A damaged cache is ignored and rewritten.
+    (tmp_path / PEAKS_FILE).write_text("{not json")
+    assert trusted_peak(cpu, "bf16", tmp_path, measure=lambda: 3e11) == 3e11 and read_peaks(tmp_path) == {key: 3e11}
+    # MFU over a peak it exceeds is no number at all, never 250%.
+    assert utilisation(2e11, 4e11) == 0.5 and utilisation(1e12, 4e11) is None and utilisation(1.0, 0.0) is None
+
+
+def test_a_run_under_a_low_measured_peak_uses_the_recorded_one(tmp_path, monkeypatch):
+    """The trainer's peak_flops is the recorded best: a run started on a busy machine reports MFU against it."""
+    import slmb.core.runtime as runtime
+
+    monkeypatch.setenv("SLMB_HOME", str(tmp_path))
+    body = toy_request(max_steps=2)
+    body["config"]["dtype"] = "fp32"
+    key = machine_key(torch.device("cpu"), "fp32")
+    (tmp_path / PEAKS_FILE).write_text(json.dumps({key: {"flops": 9e15}}))  # "recorded earlier"
+    monkeypatch.setattr(runtime, "matmul_peak", lambda device, dtype: 1e3)  # "measured under load"
+    got: list = []
+    train(body, sinks=[ev.CallbackSink(got.append)], track=False)
+    started = next(e for e in got if e.name == "started")
+    assert started.peak_flops == 9e15
+    steps = [e for e in got if e.name == "step"]
+    assert steps and all(e.mfu == pytest.approx(e.model_flops / 9e15) and e.mfu < 1e-3 for e in steps)
 
 
 def test_matmul_peak_shrinks_its_product_to_fit_the_time_budget():

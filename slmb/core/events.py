@@ -70,7 +70,7 @@ class Started(Event):
     val_tokens: int | None = None
     token_cache_hit: bool | None = None  # the dataset's tokens came from the cache, not a fresh tokenization
     flops_per_token: int | None = None  # training FLOPs per token (SLM.flops_per_token)
-    peak_flops: float | None = None  # the device's measured matmul FLOP/s in the compute dtype (runtime.matmul_peak)
+    peak_flops: float | None = None  # matmul FLOP/s in the compute dtype, best seen here (runtime.trusted_peak)
     world_size: int = 1  # processes training together (torchrun); batch_size is the global batch over all of them
     strategy: str | None = None  # "ddp" or "fsdp" on several processes, None for one
     activation_checkpointing: bool = False
@@ -85,7 +85,8 @@ class Step(Event):
     lr: float
     grad_norm: float | None = None
     tokens_per_sec: float | None = None
-    mfu: float | None = None  # model FLOP utilisation: tokens/s x flops_per_token / peak_flops (0-1)
+    mfu: float | None = None  # model FLOP utilisation: model_flops / peak_flops (0-1); None where it would pass 1
+    model_flops: float | None = None  # training FLOP/s the model does (tokens/s x flops_per_token)
 
 
 class Progress(Event):
@@ -100,7 +101,8 @@ class Progress(Event):
     val_loss: float | None = None
     lr: float | None = None
     tokens_per_sec: float | None = None
-    mfu: float | None = None
+    mfu: float | None = None  # model FLOP/s over the trusted peak (runtime.trusted_peak); None where it would pass 1
+    model_flops: float | None = None  # training FLOP/s the model does (tokens/s x flops_per_token)
     elapsed_s: float
     eta_s: float | None = None
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,3 +150,93 @@ def _best_matmul_seconds(device: torch.device, dtype: str, n: int, reps: int) ->
             if i:  # the first is the warm-up
                 best = min(best, time.perf_counter() - t0)
     return best
+
+
+# ---------------------------------------------------------------------------------------------------- honest MFU
+
+PEAKS_FILE = "peaks.json"  # under $SLMB_HOME: the best matmul peak each machine and setting has shown
+
+
+def machine_key(device: torch.device, dtype: str) -> str:
+    """What a matmul peak belongs to: the processor (CPU model and the threads used, or the GPU's name), the
+    dtype and TF32, and the torch version (a new release can change the kernels)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        what = f"cuda:{torch.cuda.get_device_name(index)}:tf32={torch.backends.cuda.matmul.allow_tf32}"
+    elif device.type == "cpu":
+        what = f"cpu:{cpu_model()}:threads={torch.get_num_threads()}"
+    else:
+        what = device.type
+    return f"{what}|{dtype}|torch={torch.__version__}"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def read_peaks(home: Path) -> dict[str, float]:
+    """The cached peaks; an unreadable or foreign file counts as empty (it is rewritten on the next save)."""
+    try:
+        data = json.loads((home / PEAKS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v["flops"]) for k, v in data.items()
+            if isinstance(v, dict) and isinstance(v.get("flops"), (int, float)) and v["flops"] > 0}
+
+
+def _save_peak(home: Path, key: str, flops: float) -> None:
+    """Record ``flops`` for ``key`` unless a higher value is there (read, merge, atomic rename: a concurrent
+    writer can at worst lose one of two simultaneous updates, never corrupt the file)."""
+    path = home / PEAKS_FILE
+    try:
+        data = json.loads(path.read_text())
+        data = data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        data = {}
+    old = data.get(key)
+    if isinstance(old, dict) and isinstance(old.get("flops"), (int, float)) and old["flops"] >= flops:
+        return
+    data[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    home.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=home, prefix=f".{PEAKS_FILE}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def trusted_peak(device: torch.device, dtype: str, home: Path | None, measure: Callable[[], float] | None = None
+                 ) -> float:
+    """The matmul peak MFU is reported against: the higher of this process's measurement and the best one this
+    machine has recorded in ``home`` (which it then updates).
+
+    A measurement only ever errs low (other work stealing the cores, clocks still ramping): a busy machine at
+    start-up made MFU read 256-1,252%. Keeping the best measurement per machine and setting means that one good
+    start-up (an idle moment, ``bench/peak.py``) serves every later run. ``home`` None: this measurement alone."""
+    measured = (measure or (lambda: matmul_peak(device, dtype)))()
+    if home is None:
+        return measured
+    key = machine_key(device, dtype)
+    best = max(measured, read_peaks(home).get(key, 0.0))
+    if best == measured:
+        with contextlib.suppress(OSError):  # a read-only home: this run uses its own measurement
+            _save_peak(home, key, measured)
+    return best
+
+
+def utilisation(model_flops: float, peak: float) -> float | None:
+    """MFU, or None where it would exceed 100%: the peak was measured low and no better one is recorded, so
+    no honest figure can be given (the model FLOP/s, reported beside it, stays true)."""
+    if peak <= 0 or model_flops > peak:
+        return None
+    return model_flops / peak

@@ -37,7 +37,7 @@ from torch import nn
 from slmb.core import events as ev
 from slmb.core.control import Control, get_control
 from slmb.core.distributed import Dist
-from slmb.core.runtime import autocast_for, matmul_peak, prepare_device
+from slmb.core.runtime import autocast_for, prepare_device, trusted_peak, utilisation
 from slmb.core.store import (
     Run,
     StoreError,
@@ -49,6 +49,7 @@ from slmb.core.store import (
     run_dir,
     save_completed,
     save_weights,
+    slmb_home,
     write_json,
 )
 
@@ -625,8 +626,9 @@ class _Loop:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.total_steps = total_steps
         flops_per_token = model.flops_per_token(T)
-        # All ranks together: one device's measured peak times the world size (measured on rank 0 only).
-        peak = matmul_peak(device, dtype) * W if dist.is_main else 1.0
+        # All ranks together: one device's peak times the world size (measured on rank 0 only; the best this
+        # machine has shown, cached under $SLMB_HOME, so that a busy start-up cannot make MFU exceed 100%).
+        peak = trusted_peak(device, dtype, slmb_home()) * W if dist.is_main else 1.0
         params = self.parameters = _num_parameters(model)
         self.emit(ev.Started, model_name=self.model_name, total_steps=total_steps, epochs=cfg.epochs,
                   steps_per_epoch=steps_per_epoch, batch_size=B, context_length=T,
@@ -689,14 +691,16 @@ class _Loop:
             if (st.step == start_step + 1 or st.step == total_steps or stop_reason
                     or now - last_emit >= self.step_every_s):
                 tps = tokens_since_emit / max(busy_since_emit, 1e-9)
-                mfu = tps * flops_per_token / peak
+                model_flops = tps * flops_per_token
+                mfu = utilisation(model_flops, peak)
                 done = st.step - start_step
                 eta = (now - t0) / done * (total_steps - st.step)
                 self.emit(ev.Step, step=st.step, total_steps=total_steps, epoch=epoch, loss=loss_val, lr=lr,
-                          grad_norm=float(grad_norm), tokens_per_sec=tps, mfu=mfu)
+                          grad_norm=float(grad_norm), tokens_per_sec=tps, mfu=mfu, model_flops=model_flops)
                 self.emit(ev.Progress, step=st.step, total_steps=total_steps,
                           progress=100.0 * st.step / total_steps, epoch=epoch, epochs=cfg.epochs, loss=loss_val,
                           loss_ema=st.loss_ema, val_loss=st.val_loss, lr=lr, tokens_per_sec=tps, mfu=mfu,
+                          model_flops=model_flops,
                           elapsed_s=self.elapsed(), eta_s=eta)
                 last_emit, tokens_since_emit, busy_since_emit = now, 0, 0.0
             if stop_reason == "early_stopping":
