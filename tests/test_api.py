@@ -169,11 +169,17 @@ def test_bad_bodies_get_4xx_with_json_pointer_paths(service):
         assert resp.status_code == 422
         errors = resp.json()["errors"]
         assert "/config/epochs" in {e["path"] for e in errors}
+        # The canvas shows only `detail`: the first error with its pointer, and how many more `errors` has.
+        assert resp.json()["detail"] == "/config/epochs: Input should be greater than or equal to 1"
         body["config"]["epochs"] = 1
-        errors = client.post("/api/v1/train-complete-model", json=body).json()["errors"]
+        resp = client.post("/api/v1/train-complete-model", json=body)
+        errors = resp.json()["errors"]
         paths = {e["path"] for e in errors}
         assert "/model/3/children/1/data/numHeads" in paths and "/model/3/children/3/data/source" in paths
         assert all(e["message"] for e in errors)
+        first = errors[0]
+        assert resp.json()["detail"] == (f"{first['path']}: {first['message']} (and {len(errors) - 1} more error"
+                                         + ("s)" if len(errors) > 2 else ")"))
         assert client.post("/api/v1/train-complete-model", json=[1, 2]).status_code == 422
         huge = client.post("/api/v1/train-complete-model", content=b" " * 300_000,
                            headers={"content-type": "application/json"})

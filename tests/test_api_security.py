@@ -1,12 +1,17 @@
-"""Bearer token, CORS and error handling, on the app in-process (TestClient) with the test stack's Redis."""
+"""Bearer token, CORS and error handling, on the app in-process (TestClient, or uvicorn in a thread where a real
+browser-like request matters) with the test stack's Redis."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from slmb.api import model_cache
-from slmb.api.app import DEV_ORIGINS, Settings, create_app
+from slmb.api.app import Settings, create_app
+
+pytest.register_assert_rewrite("service_fixtures")
+from service_fixtures import serve_in_thread  # noqa: E402
 
 pytest_plugins = ["service_fixtures"]
 TOKEN = "s3cret-token"
@@ -81,23 +86,68 @@ def test_redis_down_is_a_503_and_leaves_no_running_mlflow_run(app_client, servic
     assert [(r.info.status, r.data.tags["training_status"]) for r in runs] == [("FAILED", "error")]
 
 
-@pytest.mark.parametrize("origin", DEV_ORIGINS)
-def test_cors_allows_the_canvas_dev_origins(app_client, origin):
-    with app_client() as client:
-        resp = client.options("/api/v1/train-complete-model", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type,authorization"})
-        assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == origin
-        get = client.get("/api/v1/completed-models", headers={"Origin": origin})
-        assert get.headers["access-control-allow-origin"] == origin
+LOCAL = ("http://localhost:4173", "http://127.0.0.1:5173", "http://localhost:3000", "http://localhost",
+         "http://[::1]:8080")
+FOREIGN = ("https://evil.example", "http://localhost.evil.example:4173", "http://127.0.0.1.evil.example",
+           "http://evil.example:4173", "null")
 
 
-def test_cors_origins_are_configurable(app_client):
-    with app_client(cors_origins=["https://canvas.example"]) as client:
-        allowed = client.get("/api/v1/completed-models", headers={"Origin": "https://canvas.example"})
-        assert allowed.headers["access-control-allow-origin"] == "https://canvas.example"
-        other = client.get("/api/v1/completed-models", headers={"Origin": "http://localhost:5173"})
-        assert "access-control-allow-origin" not in other.headers
+def preflight(client: httpx.Client, origin: str) -> httpx.Response:
+    return client.options("/api/v1/train-complete-model", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization"})
+
+
+def assert_cors(base_url: str, allowed: tuple[str, ...], refused: tuple[str, ...]) -> None:
+    """A browser's preflight and simple request, over real HTTP, from each origin."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        for origin in allowed:
+            resp = preflight(client, origin)
+            assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == origin, origin
+            assert {"authorization", "content-type"} <= set(resp.headers["access-control-allow-headers"].lower()
+                                                            .replace(" ", "").split(","))
+            assert "POST" in resp.headers["access-control-allow-methods"]
+            get = client.get("/api/v1/completed-models", headers={"Origin": origin})
+            assert get.status_code == 200 and get.headers["access-control-allow-origin"] == origin, origin
+        for origin in refused:
+            resp = preflight(client, origin)
+            assert resp.status_code == 400 and "access-control-allow-origin" not in resp.headers, origin
+            get = client.get("/api/v1/completed-models", headers={"Origin": origin})
+            assert "access-control-allow-origin" not in get.headers, origin  # the browser hides the answer
+
+
+def test_cors_allows_any_local_port_and_nothing_else_by_default(service):
+    """The real service, as the canvas's `vite preview` (port 4173) and dev server (5173) reach it."""
+    assert_cors(service.api_url, LOCAL, FOREIGN)
+
+
+def test_cors_origins_from_the_environment_add_to_the_local_ones(service, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", service.mlflow_uri)
+    monkeypatch.setenv("SLMB_CORS_ORIGINS", "https://canvas.example, https://b.example/")
+    settings = Settings.from_env(redis_url=service.redis_url)
+    assert settings.cors_origins == ["https://canvas.example", "https://b.example"]
+    with serve_in_thread(create_app(settings)) as url:
+        assert_cors(url, ("https://canvas.example", "https://b.example", "http://localhost:4173"),
+                    ("https://evil.example", "http://canvas.example", "https://canvas.example:8443"))
+
+
+def test_cors_star_needs_the_bearer_token(service, monkeypatch):
+    """'*' would let any page the user opens drive the API; with the token it cannot: a page needs the token."""
+    monkeypatch.setenv("SLMB_CORS_ORIGINS", "*")
+    monkeypatch.delenv("SLMB_API_TOKEN", raising=False)
+    with pytest.raises(RuntimeError, match="SLMB_API_TOKEN"):
+        Settings.from_env()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", service.mlflow_uri)
+    monkeypatch.setenv("SLMB_API_TOKEN", TOKEN)
+    app = create_app(Settings.from_env(redis_url=service.redis_url))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        resp = preflight(client, "https://anywhere.example")
+        assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == "*"
+        get = client.get("/api/v1/completed-models", headers={"Origin": "https://anywhere.example"})
+        assert get.status_code == 401 and get.headers["access-control-allow-origin"] == "*"
+        get = client.get("/api/v1/completed-models", headers={"Origin": "https://anywhere.example",
+                                                               "Authorization": f"Bearer {TOKEN}"})
+        assert get.status_code == 200 and "models" in get.json()
 
 
 def test_settings_from_the_environment(monkeypatch):
@@ -108,4 +158,4 @@ def test_settings_from_the_environment(monkeypatch):
     assert s.cors_origins == ["https://a.example", "https://b.example"] and s.api_token == "t"
     assert s.sse_keepalive_s == 2.5
     monkeypatch.delenv("SLMB_CORS_ORIGINS")
-    assert Settings.from_env().cors_origins == list(DEV_ORIGINS)
+    assert Settings.from_env().cors_origins == []  # the local origins only

@@ -33,7 +33,8 @@ from slmb import __version__
 log = logging.getLogger("slmb.api")
 
 API_PREFIX = "/api/v1"
-DEV_ORIGINS = ("http://localhost:5173", "http://127.0.0.1:5173", "http://localhost:3000", "http://127.0.0.1:3000")
+# Any port of this machine, over plain http: the canvas's dev server (5173), its `vite preview` (4173), ...
+LOCAL_ORIGIN_REGEX = r"http://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?"
 
 
 def _env_float(name: str, default: float) -> float:
@@ -47,7 +48,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue: str = "slmb"
     api_token: str | None = None  # when set, every /api route needs "Authorization: Bearer <token>"
-    cors_origins: list[str] = field(default_factory=lambda: list(DEV_ORIGINS))
+    # Browser origins allowed besides any http://localhost:<port> and http://127.0.0.1:<port>; "*": every one,
+    # only with api_token set (else any web page the user visits could drive the API).
+    cors_origins: list[str] = field(default_factory=list)
     public_url: str | None = None  # base of the absolute URLs in responses; default: the request's own
     sse_keepalive_s: float = 15.0
     reap_interval_s: float = 2.0  # how often dead training processes are looked for
@@ -60,6 +63,11 @@ class Settings:
     model_cache_size: int = 4
     worker_memory_bytes: int | None = None  # what a training may use; default: the machine's (core/memory.py)
 
+    def __post_init__(self) -> None:
+        if "*" in self.cors_origins and not self.api_token:
+            raise RuntimeError("SLMB_CORS_ORIGINS='*' would let every web page the browser opens use this API: "
+                               "set SLMB_API_TOKEN as well, or list the front end's origin instead of '*'")
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         from slmb.core.memory import parse_bytes
@@ -70,7 +78,7 @@ class Settings:
             redis_url=env.get("SLMB_REDIS_URL") or cls.redis_url,
             queue=env.get("SLMB_QUEUE") or cls.queue,
             api_token=env.get("SLMB_API_TOKEN") or None,
-            cors_origins=[o.strip() for o in origins.split(",") if o.strip()] if origins else list(DEV_ORIGINS),
+            cors_origins=[o.strip().rstrip("/") for o in (origins or "").split(",") if o.strip()],
             public_url=env.get("SLMB_PUBLIC_URL") or None,
             sse_keepalive_s=_env_float("SLMB_SSE_KEEPALIVE", cls.sse_keepalive_s),
             reap_interval_s=_env_float("SLMB_REAP_INTERVAL_S", cls.reap_interval_s),
@@ -214,15 +222,45 @@ async def _refuse(send: Any, status: int, detail: str) -> None:
     await JSONResponse({"detail": detail}, status_code=status)({"type": "http"}, None, send)
 
 
+def error_detail(errors: list[dict[str, Any]]) -> str:
+    """The one line a client that shows only ``detail`` needs: the first error with its JSON pointer, and how many
+    more ``errors`` lists (``/model/2/data/numHeads: ... (and 2 more errors)``)."""
+    if not errors:
+        return "invalid request"
+    first, more = errors[0], len(errors) - 1
+    text = f"{first['path']}: {first['message']}" if first.get("path") else first["message"]
+    return text + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
+
+
+def _request_issue(err: dict[str, Any]) -> dict[str, Any]:
+    """One of FastAPI's validation errors as the training route reports its own: path (a JSON pointer into the
+    body), message, expected, found, hint. A query or header parameter is named in the message instead."""
+    from slmb.core.validate import Issue, schema_issue
+
+    where, *loc = err.get("loc") or ("body",)
+    # A union's failed branches are in the location (``stop``, ``list[str]``, 1): the request has no such keys.
+    loc = [p for p in loc if p not in ("str", "int", "float", "bool") and "[" not in str(p)]
+    if err.get("type") == "json_invalid":
+        problem = (err.get("ctx") or {}).get("error", "")
+        return Issue("", f"the body is not valid JSON: {problem} (at character {loc[-1] if loc else 0})").to_dict()
+    issue = schema_issue({**err, "loc": loc})
+    if where != "body":
+        issue.message = f"{where} parameter {'.'.join(map(str, loc))!r}: {issue.message}"
+        issue.path = ""
+    return issue.to_dict()
+
+
 async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, with the caller's input made printable: a NaN or a lone surrogate echoed back as it came
-    would make the response itself fail. Under /v1, OpenAI's 400 shape instead (slmb.api.routes.openai)."""
+    """FastAPI's 422 in the training route's shape: ``detail`` one readable line with the first error's JSON
+    pointer, ``errors`` every error; the caller's input made printable (a NaN or a lone surrogate echoed back as
+    it came would make the response itself fail). Under /v1, OpenAI's 400 shape instead (slmb.api.routes.openai)."""
     from slmb.api.routes import openai
     from slmb.api.trust import printable
 
     if openai.is_openai_path(request.url.path):
         return await openai.invalid_request(request, exc)
-    return JSONResponse({"detail": printable(jsonable_encoder(exc.errors()))}, status_code=422)
+    errors = printable(jsonable_encoder([_request_issue(e) for e in exc.errors()]))
+    return JSONResponse({"detail": error_detail(errors), "errors": errors}, status_code=422)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -248,7 +286,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     origins = app.state.settings.cors_origins
     # Added first, so it runs inside CORS: its 413 and 415 answers carry the CORS headers a browser needs to read.
     app.add_middleware(BodyGuard, limit=app.state.settings.max_body_bytes)
-    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+    # No credentials (cookies): the token travels in the Authorization header, which a foreign page cannot know.
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=LOCAL_ORIGIN_REGEX,
+                       allow_methods=["GET", "POST", "OPTIONS"],
                        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
     app.add_exception_handler(Exception, _internal_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)

@@ -114,7 +114,7 @@ def validate(body: Any, *, build: bool = True, admit: bool = False, memory_limit
     try:
         report.request = TrainRequest.model_validate(body)
     except ValidationError as exc:
-        report.errors.extend(_schema_issue(err) for err in exc.errors())
+        report.errors.extend(schema_issue(err) for err in exc.errors())
         return report
     report.plan = plan(report.request)
     for name, fn in CHECKS.items():
@@ -287,7 +287,8 @@ def _short(value: Any, limit: int = 80) -> Any:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _schema_issue(err: dict) -> Issue:
+def schema_issue(err: dict) -> Issue:
+    """A pydantic error (``loc`` relative to the request body) as an issue with a JSON pointer and a hint."""
     loc = list(err["loc"])
     # A discriminated union puts the tag in the location (model/3/mhAttention/data): drop it.
     parts = [p for i, p in enumerate(loc) if not (p in NODE_TYPES and i > 0 and isinstance(loc[i - 1], int))]

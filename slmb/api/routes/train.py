@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from slmb.api.app import API_PREFIX
+from slmb.api.app import API_PREFIX, error_detail
 from slmb.api.trust import request_issues
 
 log = logging.getLogger("slmb.api")
@@ -104,7 +104,8 @@ def no_worker_warning(queue: str) -> dict[str, Any]:
 
 
 @router.post("/train-complete-model", summary="Validate a model request and queue its training",
-             responses={422: {"description": "invalid request: every error with its JSON pointer"}},
+             responses={422: {"description": "invalid request: `errors` lists every error with its JSON pointer, "
+                                             "`detail` is the first one as a line"}},
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/json": {"schema": {"$ref": "#/components/schemas/TrainRequest"}}}}})
 async def train_complete_model(request: Request) -> Any:
@@ -118,10 +119,10 @@ async def train_complete_model(request: Request) -> Any:
                                      world_size=worker_world_size())
     if report.request is not None:  # every error at once: what the caller may not name, beside the rest
         report.errors.extend(await run_in_threadpool(request_issues, report.request, settings.data_dir))
-    if not report.ok:
+    if not report.ok:  # detail: the first error, for a client that shows nothing else (the canvas)
+        errors = [e.to_dict() for e in report.errors]
         return JSONResponse(status_code=422, content={
-            "detail": f"invalid request: {len(report.errors)} error(s)",
-            "errors": [e.to_dict() for e in report.errors], "warnings": [w.to_dict() for w in report.warnings]})
+            "detail": error_detail(errors), "errors": errors, "warnings": [w.to_dict() for w in report.warnings]})
     task_id = new_task_id()
     spec, summary = report.request, report.summary
     if not spec.model_name:  # every run needs a name: it names the completed model's files
