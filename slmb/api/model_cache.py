@@ -4,12 +4,13 @@ for models trained by workers with another ``SLMB_HOME``, from MLflow (:func:`sl
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from typing import Any
 
 from slmb.core import store
-from slmb.core.generate import Generator, load_generator
+from slmb.core.generate import BatchedGenerator, Generator, load_generator
 
 log = logging.getLogger("slmb.api")
 
@@ -40,15 +41,25 @@ class ModelCache:
     """Keeps the ``size`` most recently used generators. Every use checks the model's files as a listing does, and
     files that changed since the load (a model republished under the same name, or files overwritten in place)
     load afresh, with the full check: a model whose files turned to junk is refused, never served from memory.
-    Loads of one name are serialised; different names load in parallel."""
+    Loads of one name are serialised; different names load in parallel.
 
-    def __init__(self, size: int):
+    ``batch``: concurrent requests to one model decode together, up to this many at once (a
+    :class:`~slmb.core.generate.BatchedGenerator` per model; ``SLMB_GENERATE_BATCH``, 32 by default); 0 turns
+    batching off (each request decodes alone in the thread pool, as before). ``exact`` (``SLMB_GENERATE_EXACT``, on
+    by default): batched results bit-identical to a lone request's; off: faster batched products for large models,
+    whose last bits may differ."""
+
+    def __init__(self, size: int, batch: int | None = None, exact: bool | None = None):
         self.size = max(1, size)
-        self._items: OrderedDict[tuple[str, tuple], Generator] = OrderedDict()
+        env = os.environ
+        self.batch = max(0, int(env.get("SLMB_GENERATE_BATCH") or 32)) if batch is None else max(0, batch)
+        self.exact = env.get("SLMB_GENERATE_EXACT", "1").strip().lower() not in ("0", "false", "no", "off") \
+            if exact is None else exact
+        self._items: OrderedDict[tuple[str, tuple], Generator | BatchedGenerator] = OrderedDict()
         self._lock = threading.Lock()
         self._name_locks: dict[str, threading.Lock] = {}
 
-    def get(self, name: str) -> Generator:
+    def get(self, name: str) -> Generator | BatchedGenerator:
         with self._lock:
             name_lock = self._name_locks.setdefault(store.check_model_name(name), threading.Lock())
         with name_lock:
@@ -59,7 +70,7 @@ class ModelCache:
                     self._items.move_to_end(key)
                     return self._items[key]
                 for old in [k for k in self._items if k[0] == name]:
-                    del self._items[old]
+                    _close(self._items.pop(old))
             if entry.error:
                 raise store.BrokenModelError(name, entry.error)
             try:
@@ -68,11 +79,19 @@ class ModelCache:
                 _failed[name] = (entry.stamp, exc.reason)
                 raise
             _failed.pop(name, None)
+            if self.batch:
+                generator = BatchedGenerator(generator, self.batch, self.exact)
             with self._lock:
                 self._items[key] = generator
                 while len(self._items) > self.size:
-                    self._items.popitem(last=False)
+                    _close(self._items.popitem(last=False)[1])
             return generator
+
+
+def _close(generator: Generator | BatchedGenerator) -> None:
+    """An evicted generator's decoding thread ends once its requests are done."""
+    if isinstance(generator, BatchedGenerator):
+        generator.close()
 
 
 def list_models() -> list[dict[str, Any]]:

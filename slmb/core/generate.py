@@ -9,9 +9,12 @@ rotary positions are absolute, so cached keys cannot be reused after a shift).
 from __future__ import annotations
 
 import codecs
+import collections
 import copy
+import queue
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,41 +126,9 @@ class Generator:
 
     @torch.inference_mode()
     def _run(self, prompt: str, p: SamplingParams, result: Generation) -> Iterator[str]:
-        t0 = time.perf_counter()
-        ids = self.prompt_ids(prompt)
-        result.prompt_tokens = len(ids)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(p.seed if p.seed is not None else torch.seed())
-        text = _TextStream(p.stop)
-        stepper = _Stepper(self.model, ids, p.max_new_tokens, self.use_cache)
-        seen = None  # tokens so far, for the repetition penalty only
-        if p.repetition_penalty != 1.0:
-            seen = torch.zeros(self.model.vocab_size, dtype=torch.bool, device=self.device)
-            seen[torch.tensor(ids, device=self.device)] = True
-        for _ in range(p.max_new_tokens):
-            logits = stepper.logits()
-            token = self._sample(logits, seen, p, gen)
-            if p.stop_at_eos and token == self.tok.eos_id:
-                result.finish_reason = "eos"
-                break
-            result.token_ids.append(token)
-            if seen is not None:
-                seen[token] = True
-            stepper.push(token)
-            delta, stopped = text.feed(self.tok.token_bytes(token))
-            result.text = text.emitted
-            if delta:
-                yield delta
-            if stopped:
-                result.finish_reason = "stop"
-                break
-        else:
-            result.finish_reason = "length"
-        tail = text.flush() if result.finish_reason != "stop" else ""
-        result.text = text.emitted
-        result.seconds = time.perf_counter() - t0
-        if tail:
-            yield tail
+        seq = _Sequence(self, self.prompt_ids(prompt), p, result)
+        while not seq.done:
+            yield from seq.step(seq.stepper.logits())
 
     def _sample(self, logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingParams, gen: torch.Generator
                 ) -> int:
@@ -183,6 +154,54 @@ class Generator:
         return int(torch.multinomial(probs, 1, generator=gen))
 
 
+class _Sequence:
+    """One prompt's decoding: sampling with its own generator, the repetition penalty, EOS, stop strings and the
+    text deltas. ``Generator`` runs one at a time; ``BatchedGenerator`` runs many, feeding those that are one
+    token past their cache through one forward pass, so both take the same decisions from the same logits."""
+
+    def __init__(self, g: Generator, ids: list[int], p: SamplingParams, result: Generation):
+        self.t0 = time.perf_counter()
+        self.g, self.p, self.result = g, p, result
+        result.prompt_tokens = len(ids)
+        self.rng = torch.Generator(device=g.device)
+        self.rng.manual_seed(p.seed if p.seed is not None else torch.seed())
+        self.text = _TextStream(p.stop)
+        self.stepper = _Stepper(g.model, ids, p.max_new_tokens, g.use_cache)
+        self.seen = None  # tokens so far, for the repetition penalty only
+        if p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(g.model.vocab_size, dtype=torch.bool, device=g.device)
+            self.seen[torch.tensor(ids, device=g.device)] = True
+        self.done = False
+        if p.max_new_tokens == 0:
+            self._finish("length")
+
+    def step(self, logits: torch.Tensor) -> list[str]:
+        """Take the next token from ``logits`` (V,); the text it releases (a delta, then the tail when this
+        token ends the sequence; empty pieces left out). Sets ``done`` at EOS, a stop string or the length."""
+        p, result = self.p, self.result
+        token = self.g._sample(logits, self.seen, p, self.rng)
+        if p.stop_at_eos and token == self.g.tok.eos_id:
+            return self._finish("eos")
+        result.token_ids.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+        self.stepper.push(token)
+        delta, stopped = self.text.feed(self.g.tok.token_bytes(token))
+        result.text = self.text.emitted
+        if stopped or len(result.token_ids) >= p.max_new_tokens:
+            tail = self._finish("stop" if stopped else "length")
+            return [d for d in (delta, *tail) if d]
+        return [delta] if delta else []
+
+    def _finish(self, reason: str) -> list[str]:
+        self.done = True
+        self.result.finish_reason = reason
+        tail = self.text.flush() if reason != "stop" else ""
+        self.result.text = self.text.emitted
+        self.result.seconds = time.perf_counter() - self.t0
+        return [tail] if tail else []
+
+
 class _Stepper:
     """Feeds tokens to the model and returns next-token logits, with a KV cache inside the window."""
 
@@ -199,6 +218,16 @@ class _Stepper:
     def push(self, token: int) -> None:
         self.ids.append(token)
         self.pending.append(token)
+
+    def one_cached_token(self) -> bool:
+        """Whether the next step feeds one token after the cached ones (what ``SLM.decode_rows`` batches), rather
+        than a prompt, a re-encoded window, or an uncached window."""
+        return self.cache is not None and len(self.pending) == 1 and self.cache.pos < self.cache.max_len
+
+    def take(self) -> int:
+        """The pending token, for a batched step (after ``one_cached_token``)."""
+        token, self.pending = self.pending[0], []
+        return token
 
     def logits(self) -> torch.Tensor:
         if self.cache is None:
@@ -250,6 +279,187 @@ class _TextStream:
     def flush(self) -> str:
         self.text += self.decoder.decode(b"", final=True)
         return self._emit(len(self.text))
+
+
+class GenerationHandle:
+    """One request submitted to a ``BatchedGenerator``. Iterating it yields the text deltas as the decoding
+    thread decides them (blocking), then stops; ``result`` is the ``Generation``, complete once it has stopped.
+    ``cancel`` (a client that left) frees its place in the batch at the next step.
+
+    With a ``sink``, the decoding thread calls ``sink(item)`` instead of queueing for the iterator: each delta (a
+    str), then None at the end, or the exception that failed the request. It must not block (an event loop's
+    ``call_soon_threadsafe`` is the intended use)."""
+
+    def __init__(self, prompt: str, ids: list[int], params: SamplingParams, result: Generation,
+                 sink: Callable[[Any], None] | None):
+        self.prompt, self.ids, self.params, self.result = prompt, ids, params, result
+        self._queue: queue.SimpleQueue[Any] | None = None if sink is not None else queue.SimpleQueue()
+        self._sink = sink if sink is not None else self._queue.put  # type: ignore[union-attr]
+        self.cancelled = False
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[str]:
+        if self._queue is None:
+            raise TypeError("this request delivers its deltas to its sink")
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _put(self, item: Any) -> None:
+        try:
+            self._sink(item)
+        except Exception:  # the consumer is gone (its event loop closed, say): nobody to tell, stop decoding
+            self.cancelled = True
+        if item is None or isinstance(item, BaseException):
+            self.finished.set()
+
+
+class BatchedGenerator:
+    """Decodes concurrent requests to one model together, in one thread of its own: one forward pass per step
+    for every sequence that is one token past its cache (``SLM.decode_rows``), each with its own sampling
+    settings, seed, stop strings and stream. Requests join between steps (their prompt is encoded alone first)
+    and leave when they end or are cancelled; at most ``max_batch`` decode at once, the rest wait in order.
+    A sequence whose window is full re-encodes it alone, as ``Generator`` does.
+
+    ``exact`` (the default): every row is computed as the sequence alone would be, so results (greedy ids,
+    seeded samples) are bit-identical to ``Generator``'s whatever else is in the batch; see ``nodes.Rows``.
+    Thread-safe; holds no HTTP or asyncio: ``submit`` returns a ``GenerationHandle``."""
+
+    def __init__(self, generator: Generator, max_batch: int = 32, exact: bool = True):
+        self.generator, self.model, self.tok = generator, generator.model, generator.tok
+        self.max_batch, self.exact = max(1, max_batch), exact
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[GenerationHandle] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.active = 0  # sequences decoding now
+        self.steps = self.batched_rows = 0  # forward passes that batched >= 2 sequences, and their rows
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.generator.prompt_ids(prompt)
+
+    def submit(self, prompt: str, params: SamplingParams | None = None, result: Generation | None = None,
+               sink: Callable[[Any], None] | None = None, prompt_ids: Sequence[int] | None = None
+               ) -> GenerationHandle:
+        ids = list(prompt_ids) if prompt_ids is not None else self.prompt_ids(prompt)
+        handle = GenerationHandle(prompt, ids, params or SamplingParams(), result or Generation(prompt, ""), sink)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this generator is closed")
+            self._waiting.append(handle)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="slmb-generate", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return handle
+
+    def generate(self, prompt: str, params: SamplingParams | None = None) -> Generation:
+        handle = self.submit(prompt, params)
+        for _ in handle:
+            pass
+        return handle.result
+
+    def stream(self, prompt: str, params: SamplingParams | None = None, result: Generation | None = None
+               ) -> Iterator[str]:
+        handle = self.submit(prompt, params, result)
+        try:
+            yield from handle
+        finally:
+            handle.cancel()
+
+    def close(self) -> None:
+        """No new requests; the thread ends once those submitted are done."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        active: list[tuple[GenerationHandle, _Sequence]] = []
+        try:
+            self._serve(active)
+        except BaseException as exc:  # a bug here must not leave clients waiting forever
+            with self._cond:
+                self._thread = None
+                stranded = [h for h, _ in active] + list(self._waiting)
+                self._waiting.clear()
+            for handle in stranded:
+                handle._put(exc if isinstance(exc, Exception) else RuntimeError("the decoding thread ended"))
+            raise
+
+    def _serve(self, active: list[tuple[GenerationHandle, _Sequence]]) -> None:
+        while True:
+            with self._cond:
+                while not active and not self._waiting:
+                    if self._closed:
+                        self._thread = None
+                        return
+                    self._cond.wait()
+                joining = []
+                while self._waiting and len(active) + len(joining) < self.max_batch:
+                    joining.append(self._waiting.popleft())
+            for handle in joining:
+                if handle.cancelled:
+                    continue
+                try:
+                    seq = _Sequence(self.generator, handle.ids, handle.params, handle.result)
+                except Exception as exc:
+                    handle._put(exc)
+                    continue
+                if seq.done:  # max_new_tokens 0
+                    handle._put(None)
+                else:
+                    active.append((handle, seq))
+            active[:] = [(h, s) for h, s in active if not h.cancelled]
+            self.active = len(active)
+            if active:
+                self._step(active)
+                active[:] = [(h, s) for h, s in active if not s.done and not h.cancelled]
+            self.active = len(active)
+
+    @torch.inference_mode()
+    def _step(self, active: list[tuple[GenerationHandle, _Sequence]]) -> None:
+        """One token for every active sequence; ends (and tells) those that are done or fail."""
+        batch = [(h, s) for h, s in active if s.stepper.one_cached_token()]
+        if len(batch) < 2:
+            batch = []
+        logits: dict[int, torch.Tensor] = {}
+        if batch:
+            ids = torch.tensor([[s.stepper.take()] for _, s in batch], device=self.generator.device)
+            try:
+                out = self.model.decode_rows(ids, [s.stepper.cache for _, s in batch], self.exact)  # (B, 1, V)
+            except Exception as exc:
+                for h, s in batch:
+                    self._fail(h, s, exc)
+            else:
+                self.steps += 1
+                self.batched_rows += len(batch)
+                for i, (h, _) in enumerate(batch):
+                    logits[id(h)] = out[i, -1].clone()
+        batched = {id(h) for h, _ in batch}
+        for h, s in active:
+            if s.done:
+                continue
+            try:
+                row = logits[id(h)] if id(h) in batched else s.stepper.logits()  # a prompt, a full window: alone
+                for piece in s.step(row):
+                    h._put(piece)
+            except Exception as exc:
+                self._fail(h, s, exc)
+                continue
+            if s.done:
+                h._put(None)
+
+    @staticmethod
+    def _fail(handle: GenerationHandle, seq: _Sequence, exc: Exception) -> None:
+        seq.done = True
+        handle._put(exc)
 
 
 def load_generator(name: str, device: str | torch.device = "cpu", dtype: str | None = None

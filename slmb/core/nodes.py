@@ -25,6 +25,33 @@ class Ctx:
 
     pos: int = 0
     cache: Any = None  # model.KVCache | None
+    rows: Rows | None = None  # batched decoding (SLM.decode_rows): pos and cache are per row, not here
+
+
+@dataclass
+class Rows:
+    """Batched decoding: row i of a (B, 1) input is the next token of its own sequence, which sits at position
+    ``pos[i]`` and keeps its keys and values in ``ctxs[i].cache`` (a one-sequence ``model.KVCache``).
+
+    ``exact``: the nodes whose results depend on the batch's shape (products: MKL's one-row and many-row kernels
+    round differently; attention over each sequence's own cache) compute each row as the sequence alone would,
+    so every row is bit-identical to unbatched decoding; the rest (embeddings, norms, residual sums) run once
+    for the batch. Not exact: one batched product per linear layer (reads each weight once for the batch: the
+    faster choice for large models), last bits may differ from a lone sequence's."""
+
+    ctxs: list[Ctx]  # one per row: Ctx(pos=that sequence's position, cache=its KVCache)
+    index: torch.Tensor  # (B,) the positions, on the model's device
+    exact: bool = True
+
+
+def _row(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Row i of x (B, ...) as a (1, ...) tensor aligned as a fresh one (some kernels' rounding depends on it)."""
+    row = x[i : i + 1]
+    return row if row.data_ptr() % 64 == 0 else row.clone()
+
+
+def _per_row(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fn(_row(x, i)) for i in range(x.shape[0])])
 
 
 class Dropout(nn.Dropout):
@@ -52,6 +79,8 @@ class LearnedPositional(nn.Module):
         self.weight = nn.Parameter(torch.empty(ctx_length, emb_dim))
 
     def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        if ctx.rows is not None:
+            return x + self.weight[ctx.rows.index].unsqueeze(1).to(x.dtype)  # (B, 1, E)
         T = x.shape[1]
         _check_window(ctx.pos + T, self.weight.shape[0])
         return x + self.weight[ctx.pos : ctx.pos + T].to(x.dtype)
@@ -80,6 +109,8 @@ class SinusoidalPositional(nn.Module):
         return table
 
     def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        if ctx.rows is not None:
+            return x + self.table[ctx.rows.index].unsqueeze(1).to(x.dtype)  # (B, 1, E)
         T = x.shape[1]
         _check_window(ctx.pos + T, self.ctx_length)
         return x + self.table[ctx.pos : ctx.pos + T].to(x.dtype)
@@ -232,10 +263,18 @@ class Attention(nn.Module):
         self.layer_idx = -1  # set by the compiler: this node's slot in the KV cache
 
     def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        if ctx.rows is not None:
+            return self._forward_rows(x, ctx.rows)
         B, T, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         # [q heads | k heads | v heads] along the features: one view, one transpose, one split (decode speed)
         qkv = _linear(self.qkv, x).view(B, T, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, T, hd)
+        y = self._attend(qkv, ctx)  # (B, H, T, hd)
+        return _linear(self.proj, y.transpose(1, 2).reshape(B, T, H * hd))
+
+    def _attend(self, qkv: torch.Tensor, ctx: Ctx) -> torch.Tensor:
+        """(B, H + 2KV, T, hd) projected heads -> (B, H, T, hd) attention output, caching keys and values."""
+        H, KV, T = self.num_heads, self.num_kv_heads, qkv.shape[2]
         q, k, v = qkv.split([H, KV, KV], dim=1)  # (B, H, T, hd), (B, KV, T, hd), (B, KV, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before RoPE
@@ -251,10 +290,18 @@ class Attention(nn.Module):
             causal = False
         elif causal and Tk != T:
             mask, causal = _causal(ctx.pos, T, Tk, q.device), False  # cached prefill after earlier tokens
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=KV != H)  # (B, H, T, hd)
-        return _linear(self.proj, y.transpose(1, 2).reshape(B, T, H * hd))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              dropout_p=self.dropout if self.training else 0.0,
+                                              enable_gqa=KV != H)  # (B, H, T, hd)
+
+    def _forward_rows(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """Batched decoding (see ``Rows``): each row attends over its own sequence's cache."""
+        if rows.exact:
+            return torch.cat([self.forward(_row(x, i), c) for i, c in enumerate(rows.ctxs)])
+        B, H, KV, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = _linear(self.qkv, x).view(B, 1, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, 1, hd)
+        y = torch.cat([self._attend(qkv[i : i + 1], c) for i, c in enumerate(rows.ctxs)])  # (B, H, 1, hd)
+        return _linear(self.proj, y.transpose(1, 2).reshape(B, 1, H * hd))
 
 
 def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -298,6 +345,8 @@ class FeedForward(nn.Module):
             self.out.residual_out = True
 
     def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
+        if ctx is not None and ctx.rows is not None and ctx.rows.exact:
+            return _per_row(self.forward, x)  # as each sequence alone (see Rows)
         if self.gated:
             return _linear(self.down, self.act(_linear(self.gate, x)) * _linear(self.up, x))
         return _linear(self.out, self.act(_linear(self.fc, x)))
@@ -317,7 +366,9 @@ class Linear(nn.Linear):
     _decode_key: tuple | None = None
 
     def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
-        if ctx is not None and ctx.cache is not None and not torch.is_grad_enabled():
+        if ctx is not None and (ctx.cache is not None or ctx.rows is not None) and not torch.is_grad_enabled():
+            if ctx.rows is not None and ctx.rows.exact:
+                return _per_row(self._decode, x)  # as each sequence alone (see Rows)
             return self._decode(x)
         return super().forward(x)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
@@ -13,7 +16,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from slmb.api.routes.events import SSE_HEADERS, sse_message
 from slmb.api.trust import check_name, check_text
-from slmb.core.generate import Generation, Generator, SamplingParams
+from slmb.core.generate import BatchedGenerator, Generation, Generator, SamplingParams
 from slmb.core.spec import MAX_VOCAB
 from slmb.core.store import BrokenModelError, StoreError
 from slmb.core.tokenizers import TokenizerNotFoundError
@@ -75,7 +78,53 @@ def _params(body: GenerateBody, request: Request) -> SamplingParams:
         raise HTTPException(422, str(exc)) from None
 
 
-async def _generator(request: Request, name: str) -> Generator:
+async def deltas(generator: Generator | BatchedGenerator, prompt: str, params: SamplingParams, result: Generation,
+                 prompt_ids: Sequence[int] | None = None) -> AsyncIterator[str]:
+    """The text deltas of one generation, without blocking the event loop. A ``BatchedGenerator`` decodes in its
+    own thread, which hands each delta to this loop; leaving early (a client that disconnected, a cancelled
+    task) cancels the request, which frees its place in the batch. A plain ``Generator`` (batching off) decodes
+    in the thread pool, one token per hop."""
+    if not isinstance(generator, BatchedGenerator):
+        generator = _with_prompt_ids(generator, prompt_ids)
+        async for delta in iterate_in_threadpool(generator.stream(prompt, params, result)):
+            yield delta
+        return
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue = asyncio.Queue()
+    handle = generator.submit(prompt, params, result, sink=lambda item: loop.call_soon_threadsafe(items.put_nowait,
+                                                                                                  item),
+                              prompt_ids=prompt_ids)
+    try:
+        while (item := await items.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        handle.cancel()
+
+
+async def complete(generator: Generator | BatchedGenerator, prompt: str, params: SamplingParams,
+                   prompt_ids: Sequence[int] | None = None) -> Generation:
+    """One whole generation, without blocking the event loop (see ``deltas``)."""
+    if not isinstance(generator, BatchedGenerator):
+        return await run_in_threadpool(_with_prompt_ids(generator, prompt_ids).generate, prompt, params)
+    result = Generation(prompt, "")
+    async for _ in deltas(generator, prompt, params, result, prompt_ids):
+        pass
+    return result
+
+
+def _with_prompt_ids(generator: Generator, ids: Sequence[int] | None) -> Generator:
+    """The generator, decoding from ``ids`` instead of its own encoding of the prompt text (a shallow copy: the
+    model and tokenizer are shared); ``Generator`` takes prompt text only. Itself when ``ids`` is None."""
+    if ids is None:
+        return generator
+    bound = copy.copy(generator)
+    bound.prompt_ids = lambda prompt: list(ids)  # type: ignore[method-assign]
+    return bound
+
+
+async def _generator(request: Request, name: str) -> Generator | BatchedGenerator:
     """The model's generator; 404 when there is no such model, 409 when its files are broken (the detail says
     why, naming files relative to the model)."""
     try:
@@ -95,7 +144,7 @@ async def _generator(request: Request, name: str) -> Generator:
 async def generate_text(body: GenerateBody, request: Request) -> dict:
     params = _params(body, request)
     generator = await _generator(request, body.model_name)
-    result = await run_in_threadpool(generator.generate, body.input_text, params)
+    result = await complete(generator, body.input_text, params)
     return {"status": "success", "model_name": body.model_name, "input_text": body.input_text,
             "output_text": result.output_text, "generated_text": result.text, "new_tokens": len(result.token_ids),
             "finish_reason": result.finish_reason, "tokens_per_sec": round(result.tokens_per_sec, 2)}
@@ -118,8 +167,8 @@ async def generate_text_stream(body: GenerateBody, request: Request) -> Streamin
         result = Generation(body.input_text, "")
         yield message("start", model_name=body.model_name, input_text=body.input_text)
         try:
-            # One token per thread-pool hop; a client that leaves cancels the loop between tokens.
-            async for delta in iterate_in_threadpool(generator.stream(body.input_text, params, result)):
+            # A client that leaves cancels its request between tokens.
+            async for delta in deltas(generator, body.input_text, params, result):
                 yield message("delta", text=delta)
         except Exception:
             request_id = uuid.uuid4().hex[:16]

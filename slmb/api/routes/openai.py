@@ -12,15 +12,14 @@ Chat: the messages go through the checkpoint's chat template (``chat_template`` 
 ``chat_template.jinja``, in the model's directory or its ``tokenizer/`` folder) rendered in a sandboxed Jinja
 environment, as transformers renders it. A model without one gets a plain transcript (:func:`render_chat`), and
 generation stops where the model starts writing the user's next turn. A rendered template's special-token text
-(``<|im_start|>``) is encoded as the special tokens' ids; core's ``Generator`` takes prompt text only and encodes
-such text as ordinary text, so those ids reach it through a shallow copy whose ``prompt_ids`` returns them
-(:func:`_with_prompt_ids`) until ``generate``/``stream`` take ids.
+(``<|im_start|>``) is encoded as the special tokens' ids, which are handed to the generator as the prompt's ids
+(:func:`slmb.api.routes.generate.deltas`). Concurrent requests to one model decode in one batch, as on the
+generation routes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import re
@@ -35,12 +34,13 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from slmb.api import model_cache
 from slmb.api.routes.events import SSE_HEADERS
+from slmb.api.routes.generate import complete, deltas
 from slmb.api.trust import check_name, check_text, printable
-from slmb.core.generate import Generation, Generator, SamplingParams
+from slmb.core.generate import BatchedGenerator, Generation, Generator, SamplingParams
 from slmb.core.store import BrokenModelError, StoreError
 from slmb.core.tokenizers import Tokenizer, TokenizerNotFoundError
 
@@ -227,7 +227,7 @@ def _params(body: _Sampling, request: Request, max_tokens: int | None, default_m
         raise OpenAIError(400, str(exc)) from None
 
 
-async def _generator(request: Request, name: str) -> Generator:
+async def _generator(request: Request, name: str) -> Generator | BatchedGenerator:
     """As the generation routes load a model, with their answers in OpenAI's shape: 404 ``model_not_found``,
     409 for a broken model (naming why) or one whose tokenizer is not on this server."""
     try:
@@ -259,13 +259,14 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(generator: Generator, prompt: str, params: SamplingParams, result: Generation,
-                  chunk: Any, final: Any, usage_chunk: Any | None) -> AsyncIterator[str]:
+async def _stream(generator: Generator | BatchedGenerator, prompt: str, params: SamplingParams, result: Generation,
+                  chunk: Any, final: Any, usage_chunk: Any | None, prompt_ids: list[int] | None = None
+                  ) -> AsyncIterator[str]:
     """The SSE body: ``chunk(delta)`` per piece of text, ``final(result)`` with the finish reason, the usage
     chunk when asked for, ``[DONE]``. An error after the headers went out is an ``error`` message (what the
     ``openai`` client raises as ``APIError``), with the cause in the log under its request id."""
     try:
-        async for delta in iterate_in_threadpool(generator.stream(prompt, params, result)):
+        async for delta in deltas(generator, prompt, params, result, prompt_ids):
             yield _sse(chunk(delta))
     except Exception:
         request_id = uuid.uuid4().hex[:16]
@@ -331,7 +332,7 @@ async def completions(body: CompletionBody, request: Request) -> Any:
         return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
     if not body.stream:
-        result = await run_in_threadpool(generator.generate, prompt, params)
+        result = await complete(generator, prompt, params)
         return obj([choice(result.text, FINISH[result.finish_reason])], usage=_usage(result))
     stream = _stream(generator, prompt, params, Generation(prompt, ""),
                      chunk=lambda delta: obj([choice(delta, None)]),
@@ -444,14 +445,6 @@ def encode_with_specials(tok: Tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _with_prompt_ids(generator: Generator, ids: list[int]) -> Generator:
-    """The generator, decoding from ``ids`` instead of its own encoding of the prompt text (a shallow copy: the
-    model and tokenizer are shared); see the module's docstring."""
-    bound = copy.copy(generator)
-    bound.prompt_ids = lambda prompt: list(ids)  # type: ignore[method-assign]
-    return bound
-
-
 @router.post("/chat/completions", summary="OpenAI chat completion (the checkpoint's chat template, or a plain one)")
 async def chat_completions(body: ChatBody, request: Request) -> Any:
     messages = [{"role": m.role, "content": _content(m, i)} for i, m in enumerate(body.messages)]
@@ -466,16 +459,14 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
     specials = {i: t for t, i in generator.tok.special_tokens.items()}
     extra_stops += tuple(specials[i] for i in eos_ids if i in specials and i != generator.tok.eos_id)
     params = _params(body, request, max_tokens, settings.max_new_tokens, prompt, extra_stops)
-    if template is not None:
-        generator = _with_prompt_ids(generator, encode_with_specials(generator.tok, prompt) or
-                                     generator.prompt_ids(""))
+    ids = (encode_with_specials(generator.tok, prompt) or generator.prompt_ids("")) if template is not None else None
     ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def obj(kind: str, choices: list[dict], **extra: Any) -> dict:
         return {"id": ident, "object": kind, "created": created, "model": body.model, "choices": choices, **extra}
 
     if not body.stream:
-        result = await run_in_threadpool(generator.generate, prompt, params)
+        result = await complete(generator, prompt, params, ids)
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                   "finish_reason": FINISH[result.finish_reason], "logprobs": None}
         return obj("chat.completion", [choice], usage=_usage(result))
@@ -490,7 +481,7 @@ async def chat_completions(body: ChatBody, request: Request) -> Any:
                 chunk=lambda piece: delta({"content": piece}),
                 final=lambda r: delta({}, FINISH[r.finish_reason]),
                 usage_chunk=(lambda r: obj("chat.completion.chunk", [], usage=_usage(r)))
-                if _include_usage(body) else None):
+                if _include_usage(body) else None, prompt_ids=ids):
             yield message
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,247 @@
+"""Batched generation (issue 15.2): concurrent requests to one model decode in one forward pass per step, and each
+gets exactly what it would get alone (greedy ids, seeded samples, stop strings, EOS, streamed text)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import threading
+
+import httpx
+import pytest
+import torch
+from service_fixtures import serve_in_thread, wait_until
+from test_generate import ARCHITECTURES, make
+from toy import toy_request
+
+from slmb.api.app import Settings, create_app
+from slmb.api.serve import free_port
+from slmb.core.generate import BatchedGenerator, Generator, SamplingParams, load_generator
+from slmb.core.tokenizers import load_tokenizer
+from slmb.core.trainer import train
+
+# Prompts of different lengths, one longer than the models' context (24): its window is re-encoded from the start.
+PROMPTS = ["a", "To be, or not", "ROMEO:\nWhat light", "", "x" * 30, "The quick brown fox jumps"]
+MAX_NEW = [40, 7, 25, 1, 12, 33]  # past the context for some: their windows fill and slide while others decode
+
+
+def model_for(arch: str):
+    model = make(ARCHITECTURES[arch]())
+    if arch == "relative":  # a zero-initialised bias would hide position mistakes
+        for m in model.modules():
+            if hasattr(m, "buckets"):
+                torch.nn.init.normal_(m.weight)
+    return model
+
+
+def submit_together(batcher: BatchedGenerator, jobs: list[tuple[str, SamplingParams]]) -> list:
+    """Submit all jobs before the decoding thread looks at any, so the first step already batches them."""
+    with batcher._cond:
+        return [batcher.submit(prompt, params) for prompt, params in jobs]
+
+
+def finish(handles: list) -> list[str]:
+    return ["".join(handle) for handle in handles]
+
+
+def assert_same(batched, alone) -> None:
+    assert batched.token_ids == alone.token_ids
+    assert (batched.text, batched.finish_reason, batched.prompt_tokens) == \
+        (alone.text, alone.finish_reason, alone.prompt_tokens)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama3", "qwen3", "relative", "sinusoidal"])
+def test_greedy_ids_equal_unbatched_with_joins_and_leaves(arch):
+    model, tok = model_for(arch), load_tokenizer("byte")
+    gen = Generator(model, tok)
+    batcher = BatchedGenerator(gen, max_batch=4)  # six requests, four places: two join as others leave
+    jobs = [(p, SamplingParams(max_new_tokens=n, temperature=0, stop_at_eos=False))
+            for p, n in zip(PROMPTS, MAX_NEW, strict=True)]
+    first = submit_together(batcher, jobs[:4])
+    wait_until(lambda: batcher.steps >= 3, 60, "three batched steps")
+    late = [batcher.submit(p, params) for p, params in jobs[4:]]  # joining sequences already mid-way
+    texts = finish(first + late)
+    for (prompt, params), handle, text in zip(jobs, first + late, texts, strict=True):
+        alone = gen.generate(prompt, params)
+        assert_same(handle.result, alone)
+        assert text == alone.text  # the deltas add up to the text
+        assert len(alone.token_ids) == params.max_new_tokens
+    assert batcher.batched_rows >= 2 * batcher.steps >= 6  # steps really were batched
+    batcher.close()
+
+
+def test_not_exact_mode_batches_products_and_stays_close():
+    """exact=False: one product per layer for the batch (last bits may differ), so only closeness is promised;
+    on these tiny models the greedy paths agree."""
+    model, tok = model_for("gpt2"), load_tokenizer("byte")
+    gen = Generator(model, tok)
+    batcher = BatchedGenerator(gen, max_batch=8, exact=False)
+    jobs = [(p, SamplingParams(max_new_tokens=10, temperature=0)) for p in PROMPTS[:4]]
+    handles = submit_together(batcher, jobs)
+    finish(handles)
+    assert batcher.batched_rows >= 2
+    same = sum(h.result.token_ids == gen.generate(p, params).token_ids
+               for h, (p, params) in zip(handles, jobs, strict=True))
+    assert same >= 3
+
+
+def test_seeded_sampling_is_reproducible_batched_or_alone():
+    model, tok = model_for("llama3"), load_tokenizer("byte")
+    gen = Generator(model, tok)
+    batcher = BatchedGenerator(gen)
+    settings = [dict(temperature=0.9, top_k=20, seed=1), dict(temperature=1.3, top_p=0.8, seed=2),
+                dict(temperature=0.7, top_k=0, repetition_penalty=1.4, seed=3),
+                dict(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=0.8, seed=2**63 + 5)]
+    jobs = [(PROMPTS[i % len(PROMPTS)], SamplingParams(max_new_tokens=30, stop_at_eos=False, **s))
+            for i, s in enumerate(settings)]
+    handles = submit_together(batcher, jobs)
+    finish(handles)
+    for handle, (prompt, params) in zip(handles, jobs, strict=True):
+        assert_same(handle.result, gen.generate(prompt, params))
+    # and again, batched with other company: the same samples
+    again = submit_together(batcher, [jobs[2], (PROMPTS[1], SamplingParams(max_new_tokens=5)), jobs[0]])
+    finish(again)
+    assert again[0].result.token_ids == handles[2].result.token_ids
+    assert again[2].result.token_ids == handles[0].result.token_ids
+    assert len({tuple(h.result.token_ids) for h in handles}) == len(handles)  # different seeds, different samples
+
+
+def test_stop_strings_and_eos_per_sequence():
+    model = model_for("gpt2")
+    greedy = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False)
+    plain = Generator(model, load_tokenizer("byte"))
+    texts = [plain.generate(p, greedy) for p in PROMPTS[:3]]
+    # a stop string from the middle of the first text, an EOS id from the middle of the second's tokens
+    stop = texts[0].text[10:13]
+    tok = copy.copy(load_tokenizer("byte"))
+    tok.eos_id = texts[1].token_ids[8]
+    gen = Generator(model, tok)
+    batcher = BatchedGenerator(gen)
+    jobs = [(PROMPTS[0], greedy.model_copy(update={"stop": [stop]})),
+            (PROMPTS[1], greedy.model_copy(update={"stop_at_eos": True})),
+            (PROMPTS[2], greedy)]
+    handles = submit_together(batcher, jobs)
+    streamed = finish(handles)
+    results = [h.result for h in handles]
+    for result, (prompt, params), text in zip(results, jobs, streamed, strict=True):
+        assert_same(result, gen.generate(prompt, params))
+        assert text == result.text
+    assert results[0].finish_reason == "stop" and stop not in results[0].text
+    assert results[0].text == texts[0].text[: texts[0].text.index(stop)]
+    assert results[1].finish_reason == "eos" and len(results[1].token_ids) == texts[1].token_ids.index(tok.eos_id)
+    assert results[2].finish_reason == "length" and len(results[2].token_ids) == 30
+
+
+def test_a_cancelled_request_frees_its_place():
+    gen = Generator(model_for("gpt2"), load_tokenizer("byte"))
+    batcher = BatchedGenerator(gen, max_batch=1)
+    endless = batcher.submit("a", SamplingParams(max_new_tokens=100_000, temperature=0, stop_at_eos=False))
+    wait_until(lambda: len(endless.result.token_ids) >= 3, 60, "the first request to decode")
+    short = batcher.submit("b", SamplingParams(max_new_tokens=5, temperature=0))
+    assert not short.finished.wait(0.5)  # it waits: the only place is taken
+    endless.cancel()
+    assert short.finished.wait(60), "the cancelled request kept its place"
+    assert len(short.result.token_ids) == 5 or short.result.finish_reason == "eos"
+    wait_until(lambda: batcher.active == 0, 30, "no active sequence")
+    assert len(endless.result.token_ids) < 100_000
+    # the streaming iterator cancels when its consumer leaves
+    stream = batcher.stream("c", SamplingParams(max_new_tokens=100_000, temperature=0, stop_at_eos=False))
+    next(piece for piece in stream if piece)
+    stream.close()
+    wait_until(lambda: batcher.active == 0, 30, "the abandoned stream to leave")
+    batcher.close()
+    wait_until(lambda: batcher._thread is None, 30, "the decoding thread to end")
+
+
+def test_zero_new_tokens_and_errors_end_the_request():
+    gen = Generator(model_for("gpt2"), load_tokenizer("byte"))
+    batcher = BatchedGenerator(gen)
+    empty = batcher.generate("hi", SamplingParams(max_new_tokens=0))
+    assert (empty.text, empty.token_ids, empty.finish_reason) == ("", [], "length")
+    sample = gen._sample
+
+    def failing(logits, seen, p, rng):  # a request whose sampling fails, in a batch with one that does not
+        if p.seed == 13:
+            raise RuntimeError("sampling failed")
+        return sample(logits, seen, p, rng)
+
+    gen._sample = failing
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    bad, good = submit_together(batcher, [("hi", SamplingParams(seed=13)), ("hi", greedy)])
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        finish([bad])
+    finish([good])
+    gen._sample = sample
+    assert good.result.token_ids == gen.generate("hi", greedy).token_ids  # the other request was served
+    assert batcher.generate("hi", greedy).token_ids == good.result.token_ids  # and so is the next
+
+
+@pytest.fixture
+def served(monkeypatch):
+    train(toy_request(name="bat", max_steps=2, ctx=32), track=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SLMB_GENERATE_BATCH", "8")
+    app = create_app(Settings.from_env(redis_url=f"redis://127.0.0.1:{free_port()}/0"))  # no Redis needed
+    with serve_in_thread(app) as url:
+        yield app, url
+
+
+def test_concurrent_service_requests_are_each_right(served):
+    app, url = served
+    alone, _ = load_generator("bat")
+    bodies = [{"model_name": "bat", "input_text": PROMPTS[i % 4], "max_length": 10 + 3 * i,
+               "temperature": 0 if i % 2 else 0.8, "seed": i, "stop": ["zz"] if i == 3 else []} for i in range(12)]
+    answers: list = [None] * len(bodies)
+
+    def post(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            answers[i] = client.post("/api/v1/generate-text", json=bodies[i])
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    for body, resp in zip(bodies, answers, strict=True):
+        assert resp is not None and resp.status_code == 200, resp and resp.text
+        want = alone.generate(body["input_text"], SamplingParams(
+            max_new_tokens=body["max_length"], temperature=body["temperature"], top_k=40, seed=body["seed"],
+            stop=body["stop"]))
+        got = resp.json()
+        assert (got["generated_text"], got["new_tokens"], got["finish_reason"]) == \
+            (want.text, len(want.token_ids), want.finish_reason)
+        assert got["output_text"] == body["input_text"] + want.text
+    assert isinstance(app.state.models.get("bat"), BatchedGenerator)
+
+    async def streams() -> list[tuple[str, dict]]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            async def one(body: dict) -> tuple[str, dict]:
+                text, done = "", {}
+                async with client.stream("POST", "/api/v1/generate-text/stream", json=body) as resp:
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            message = json.loads(line[5:])
+                            if message["event"] == "delta":
+                                text += message["data"]["text"]
+                            elif message["event"] == "done":
+                                done = message["data"]
+                return text, done
+            return await asyncio.gather(*(one(b) for b in bodies[:6]))
+
+    for body, (text, done), resp in zip(bodies[:6], asyncio.run(streams()), answers[:6], strict=True):
+        assert done["output_text"] == body["input_text"] + text == resp.json()["output_text"]
+
+
+def test_a_client_that_disconnects_frees_its_place(served):
+    app, url = served
+    body = {"model_name": "bat", "input_text": "a", "max_length": 1000, "temperature": 0}
+    with httpx.Client(base_url=url, timeout=60) as client, \
+            client.stream("POST", "/api/v1/generate-text/stream", json=body) as resp:
+        for line in resp.iter_lines():
+            if '"delta"' in line:
+                break  # leave mid-stream
+    batcher = app.state.models.get("bat")
+    wait_until(lambda: batcher.active == 0, 60, "the disconnected request to leave the batch")
+    with httpx.Client(base_url=url, timeout=60) as client:
+        assert client.post("/api/v1/generate-text", json={**body, "max_length": 4}).json()["new_tokens"] == 4
