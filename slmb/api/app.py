@@ -302,5 +302,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     from slmb.api.routes import export  # GET /api/v1/models/{name}/export
     app.include_router(export.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])
+    from slmb.api.routes import dashboard  # the page at / (no token) and the JSON it reads under /api/v1
+    app.include_router(dashboard.router, prefix=API_PREFIX, dependencies=[Depends(require_token)])
+    dashboard.mount(app)
     train.document_request_body(app)
     return app

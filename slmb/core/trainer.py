@@ -198,7 +198,8 @@ def get_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: 
 
 
 def apply_overrides(body: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The request with command-line overrides: ``model_name`` sets ``modelName``; other keys go to ``config``."""
+    """The request with command-line overrides: ``model_name`` sets ``modelName``, ``dataset`` the request's
+    dataset; other keys go to ``config``."""
     body = dict(body)
     config = dict(body.get("config") or {})
     for key, value in (overrides or {}).items():
@@ -208,6 +209,8 @@ def apply_overrides(body: Mapping[str, Any], overrides: Mapping[str, Any] | None
             body.pop("model_name", None)
             body["modelName"] = value
         else:
+        elif key == "dataset":
+            body["dataset"] = value
             config[key] = value
     body["config"] = config
     return body
