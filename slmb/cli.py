@@ -192,7 +192,8 @@ def generate(model: str = typer.Argument(..., help="name of a completed model (s
              top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling; 1 = off"),
              repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
              seed: int | None = typer.Option(None, help="same seed, same text"),
-             stop: list[str] = typer.Option([], "--stop", help="stop before this text (repeatable)"),
+             stop: list[str] = typer.Option([], "--stop", metavar="TEXT",
+                                            help="end the text before TEXT; repeat for several"),
              stream: bool = typer.Option(True, "--stream/--no-stream", help="print text as it comes"),
              device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps"),
              bf16: bool = typer.Option(False, "--bf16",
@@ -302,6 +303,55 @@ def _device_of(body: Any) -> str:
 
 
 def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool, track: bool) -> None:
+# What to change on the command line when a run fails for want of its data or tokenizer (the error names where
+# slmb looked; these say how to point it elsewhere without editing the request).
+FAILURE_HINTS = {
+    "DatasetNotFoundError": "hint: give another dataset with `slmb train FILE --dataset NAME|PATH` (a local "
+                            ".txt/.jsonl/.json/.parquet file or a folder of them)",
+    "DatasetRefusedError": "hint: give another dataset with `slmb train FILE --dataset NAME|PATH`",
+    "TokenizerNotFoundError": "hint: give another tokenizer with `slmb train FILE --tokenizer NAME|PATH` (gpt2 and "
+                              "byte need no files), or set SLMB_TOKENIZER_DIR",
+}
+
+
+def _fail_run(exc: BaseException, shown: bool) -> None:
+    """A run that failed: its error once, on stderr (the display already printed it, formatted, when ``shown``),
+    with a hint when a command-line option fixes it; exit 1."""
+    if not shown:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+    hint = FAILURE_HINTS.get(type(exc).__name__)
+    if hint:
+        typer.echo(hint, err=True)
+    raise typer.Exit(EXIT_INVALID)
+
+
+def _local_path_or_name(value: str | None) -> str | None:
+    """A --dataset/--tokenizer value: an existing local path made absolute (a resumed run finds it from anywhere),
+    anything else (a name) as given."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _refuse_resume(task_id: str) -> None:
+    """Exit 1 with the reason when the run cannot be resumed (see :func:`slmb.core.control.resume_problem`)."""
+    from slmb.core.control import resume_problem
+    from slmb.core.store import StoreError, run_dir
+
+    try:
+        problem = resume_problem(task_id)
+    except StoreError as exc:
+        problem = str(exc)
+    if problem is None:
+        return
+    try:
+        request = run_dir(task_id).request
+        again = f"\n  to train it again from the start: slmb train {request}" if request.is_file() else ""
+    except StoreError:
+        again = ""
+    _fail(problem + (again if "no checkpoint" in problem else ""), EXIT_INVALID)
+
     """`slmb train --nproc-per-node N`: run torchrun and own the run's signals and the end of its log.
 
     The ranks run in their own session, so a Ctrl-C here reaches only this process: the first asks for a stop
@@ -390,7 +440,7 @@ def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool
 
             sink = ConsoleSink()
             sink.console.print(f"task [bold]{task_id}[/] on {dist.world_size} processes (from another terminal: "
-                               f"slmb stop {task_id})", highlight=False)
+                               f"slmb stop {task_id})", highlight=False, soft_wrap=True)
     launched_by_slmb = D.LAUNCHER_ENV in os.environ
     ended_well = False
     try:
@@ -403,7 +453,7 @@ def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except Exception as exc:
-        _fail(f"{type(exc).__name__}: {exc}", EXIT_INVALID)
+        _fail_run(exc, getattr(sink, "error", None) is not None)
     finally:
         if sink is not None:
             sink.close()
@@ -448,6 +498,13 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
                                                    help="a c10d rendezvous instead of --master-addr/--node-rank"),
           task_id_given: str | None = typer.Option(None, "--task-id", hidden=True)) -> None:
     """Train a model; the finished model goes to the store (see `slmb list`).
+          dataset: str | None = typer.Option(None, "--dataset", metavar="NAME|PATH",
+                                             help="override the request's dataset: a name (tiny_shakespeare, "
+                                                  "roneneldan/TinyStories, ...) or a local .txt/.jsonl/.json/"
+                                                  ".parquet file or folder of them"),
+          tokenizer: str | None = typer.Option(None, "--tokenizer", metavar="NAME|PATH",
+                                               help="override config.tokenizer: gpt2, byte, llama2, llama3, qwen3 "
+                                                    "or a tokenizer file"),
 
     Prints the task id first, so another terminal can `slmb stop TASK_ID` or `slmb events TASK_ID --follow`.
     Ctrl-C stops after the current step with a checkpoint (resume with --resume TASK_ID); a second Ctrl-C
@@ -477,7 +534,8 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     body = read_request(file) if file is not None else None
     task_id = resume or task_id_given or new_task_id()
     overrides = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device,
-                 "dtype": dtype, "model_name": name}
+                 "dtype": dtype, "model_name": name, "dataset": _local_path_or_name(dataset),
+                 "tokenizer": _local_path_or_name(tokenizer)}
     launch = nproc_per_node is not None or nnodes > 1
     if launch and queue:
         _fail("--queue trains on the service's workers: give their --nproc-per-node to `slmb worker` or `slmb "
@@ -499,6 +557,8 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
         _launch(cmd, task_id, D.rank_env(nproc_per_node or 1, device or _device_of(body)), node_rank == 0, track)
         return
     if as_json:
+    if resume is not None and not D.launched():  # before any banner: a run that cannot resume says why, alone
+        _refuse_resume(resume)
         sink: Any = ev.CallbackSink(lambda e: typer.echo(e.to_json()))
     else:
         from slmb.console import ConsoleSink
@@ -512,7 +572,9 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     if as_json:
         typer.echo(f"task {task_id}", err=True)
     else:
-        sink.console.print(f"task [bold]{task_id}[/] (from another terminal: slmb stop {task_id})", highlight=False)
+        sink.console.print(f"task [bold]{task_id}[/] (from another terminal: slmb stop {task_id})", highlight=False,
+                           soft_wrap=True)
+                                       ("--dataset", overrides["dataset"]), ("--tokenizer", overrides["tokenizer"]),
 
     def on_sigint(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C quits at once
@@ -531,7 +593,7 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except Exception as exc:
-        _fail(f"{type(exc).__name__}: {exc}", EXIT_INVALID)
+        _fail_run(exc, getattr(sink, "error", None) is not None)
     finally:
         signal.signal(signal.SIGINT, previous)
     if result.mlflow.get("mlflow_url") and not as_json:
@@ -642,9 +704,11 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="print models
 
 @app.command()
 def events(task_id: str = typer.Argument(..., help="the run's task id"),
-           follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the run ends")
-           ) -> None:
-    """Print a run's events, one JSON object per line ({"event": ..., "data": {...}})."""
+           follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the run ends"),
+           plot: bool = typer.Option(False, "--plot", help="draw the run's loss curve (train and validation) "
+                                                           "instead of printing the events")) -> None:
+    """Print a run's events, one JSON object per line ({"event": ..., "data": {...}}), or with --plot its loss
+    curve."""
     from slmb.core.control import service_of
     from slmb.core.events import follow_events, read_events
     from slmb.core.store import StoreError, run_dir
@@ -672,6 +736,11 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
         _fail(f"no run {task_id!r} in {run.path.parent}", EXIT_INVALID)
     service = service_of(run)
     if service is not None and not run.events.exists():  # a worker elsewhere wrote them: they are in Redis only
+    if plot:
+        if follow:
+            _fail("--plot draws the events so far; it cannot be combined with --follow", EXIT_UNREADABLE)
+        _print_plot(_run_events(task_id))
+        return
         _fail(f"task {task_id} ran on the HTTP service; its events are in its Redis ({service.get('redis_url')}), "
               "which does not answer or no longer holds it: set SLMB_REDIS_URL to the service's Redis", EXIT_INVALID)
     try:
@@ -704,6 +773,275 @@ def _service_redis() -> Any:
 
 
 def _recorded_redis(task_id: str) -> Any:
+def _run_events(task_id: str) -> list[dict[str, Any]]:
+    """A run's events in wire form ({"event", "data"}), from the service's Redis when it holds the task (as
+    `slmb events` reads them), else from $SLMB_HOME/runs/<task_id>/events.jsonl; exits 1 when there are none."""
+    from slmb.core.control import service_of
+    from slmb.core.events import read_events
+    from slmb.core.store import StoreError, run_dir
+
+    conn = _service_redis() or _recorded_redis(task_id)
+    if conn is not None:
+        from slmb.api import redis_events as rev
+
+        if rev.task_exists(conn, task_id):
+            try:
+                return [w for _, w in rev.read_events(conn, task_id)]
+            except rev.EventsUnavailable as exc:
+                _fail(str(exc), EXIT_UNREADABLE)
+    try:
+        run = run_dir(task_id)
+    except StoreError as exc:
+        _fail(str(exc), EXIT_INVALID)
+    if not run.exists():
+        _fail(f"no run {task_id!r} in {run.path.parent}", EXIT_INVALID)
+    if service_of(run) is not None and not run.events.exists():
+        _fail(f"task {task_id} ran on the HTTP service; its events are in its Redis, which does not answer or no "
+              "longer holds it: set SLMB_REDIS_URL to the service's Redis", EXIT_INVALID)
+    return [e.to_wire() for e in read_events(run.events)]
+
+
+def _stdout_console() -> Any:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 100)
+
+
+def _print_plot(wires: list[dict[str, Any]], console: Any = None) -> None:
+    from rich.text import Text
+
+    from slmb.plot import curves_of, loss_plot, supports_unicode
+
+    console = console or _stdout_console()
+    train, val = curves_of(wires)
+    text = loss_plot(train, val, width=min(console.width, 100), unicode=supports_unicode(console.encoding))
+    if text:
+        console.print(Text(text, no_wrap=True), soft_wrap=True)
+    else:
+        console.print("no losses logged yet: the run has no step or eval events", highlight=False)
+
+
+runs_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Look at past and current training runs.")
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("show")
+def runs_show(task_id: str = typer.Argument(..., help="the run's task id (see `slmb list`)"),
+              as_json: bool = typer.Option(False, "--json", help="print the summary as JSON (no plot)")) -> None:
+    """A run's summary (state, model, steps, final losses, paths) and its loss curve, from its events (this machine's
+    $SLMB_HOME/runs/<task_id>/events.jsonl, or the service's Redis like `slmb events`)."""
+    from slmb.core.store import StoreError, run_dir
+
+    wires = _run_events(task_id)
+    info = _summarise(task_id, wires)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from slmb.console import fmt_duration, fmt_loss
+
+    console = _stdout_console()
+    table = Table(title=f"run {task_id}", title_justify="left", show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    steps = info["step"]
+    rows = [("state", info["state"] + ("" if info["resumable"] or info["state"] not in ("stopped", "error", "lost")
+                                       else ", no checkpoint (cannot resume)")),
+            ("model", info["model_name"] or "-"),
+            ("parameters", f"{info['parameters']:,}" if info["parameters"] else "-"),
+            ("dataset", info["dataset"] or "-"), ("tokenizer", info["tokenizer"] or "-"),
+            ("steps", "-" if steps is None else f"{steps:,}" + (f" / {info['total_steps']:,}"
+                                                                  if info["total_steps"] else "")),
+            ("loss (EMA), last step", fmt_loss(info["loss_ema"])),
+            ("train loss, last eval", fmt_loss(info["train_loss"])),
+            ("val loss, last eval", fmt_loss(info["val_loss"])),
+            ("best val loss", fmt_loss(info["best_val_loss"])),
+            ("time", fmt_duration(info["elapsed_s"]))]
+    for key, value in rows:
+        table.add_row(key, escape(str(value)))
+    console.print(table)
+    if info["message"]:
+        console.print(f"[bold]message[/]: {escape(info['message'])}", highlight=False, soft_wrap=True)
+    try:
+        run_path = run_dir(task_id).path
+    except StoreError:
+        run_path = None
+    for key in ("model_path", "checkpoint"):
+        if info[key]:
+            console.print(f"[bold]{key.replace('_', ' ')}[/]: {escape(info[key])}", highlight=False, soft_wrap=True)
+    if run_path is not None and run_path.exists():
+        console.print(f"[bold]run directory[/]: {escape(str(run_path))}", highlight=False, soft_wrap=True)
+    if info["state"] in ("stopped", "error", "lost") and info["resumable"]:
+        console.print(f"resume with: slmb train --resume {task_id}", highlight=False, soft_wrap=True)
+    _print_plot(wires, console)
+
+
+def _summarise(task_id: str, wires: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `slmb runs show` prints, from the run's events and (on this machine) its status and checkpoints."""
+    from slmb.core.control import find_run
+    from slmb.core.store import StoreError
+
+    info: dict[str, Any] = {"task_id": task_id, "state": None, "model_name": None, "parameters": None,
+                            "dataset": None, "tokenizer": None, "step": None, "total_steps": None, "loss_ema": None,
+                            "train_loss": None, "val_loss": None, "best_val_loss": None, "elapsed_s": None,
+                            "model_path": None, "checkpoint": None, "message": None, "resumable": False}
+    for wire in wires:
+        name, data = wire.get("event"), wire.get("data") or {}
+        if name == "started":
+            info.update({k: data.get(k) for k in ("model_name", "parameters", "dataset", "tokenizer",
+                                                 "total_steps")})
+        elif name in ("step", "progress"):
+            info["step"] = data.get("step", info["step"])
+            info["total_steps"] = data.get("total_steps") or info["total_steps"]
+            if name == "progress":
+                info["loss_ema"] = data.get("loss_ema", info["loss_ema"])
+                info["elapsed_s"] = data.get("elapsed_s", info["elapsed_s"])
+        elif name == "eval":
+            info.update(train_loss=data.get("train_loss"), val_loss=data.get("val_loss"),
+                        best_val_loss=data.get("best_val_loss"))
+        elif name == "checkpoint":
+            info["checkpoint"] = data.get("path")
+        elif name == "status":
+            info["state"] = data.get("state") or info["state"]
+            info["message"] = data.get("message") or info["message"]
+        elif name == "finished":
+            info.update(state="finished", model_name=data.get("model_name"), step=data.get("step"),
+                        train_loss=data.get("train_loss"), val_loss=data.get("val_loss"),
+                        model_path=data.get("path"), elapsed_s=data.get("elapsed_s"))
+        elif name == "stopped":
+            info.update(state="stopped", checkpoint=data.get("checkpoint"),
+                        step=data.get("step") if data.get("step") is not None else info["step"])
+            if not data.get("checkpoint"):
+                info["checkpoint"] = None
+        elif name == "error":
+            info.update(state="error", message=f"{data.get('type', 'Error')}: {data.get('message')}")
+    try:
+        local = find_run(task_id)
+    except StoreError:
+        local = None
+    if local is not None and local["service"] is None:  # this machine's status is the truth (lost, checkpoints)
+        info["state"] = local["state"]
+        info["resumable"] = local["resumable"]
+        info["checkpoint"] = local["checkpoint"]
+        info["model_name"] = info["model_name"] or local["model_name"]
+    info["state"] = info["state"] or "queued"
+    return info
+
+
+def _describe_targets(targets: list[str], model_only: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """(kind, id, info) of each `slmb rm` argument: a run by task id or a completed model by name."""
+    from slmb.core.control import find_run
+    from slmb.core.store import StoreError, get_model, run_dir
+
+    found = []
+    for target in targets:
+        run = model = None
+        if not model_only:
+            try:
+                run = find_run(target) if run_dir(target).exists() else None
+            except StoreError:
+                run = None
+        try:
+            model = get_model(target)
+        except StoreError:
+            model = None
+        if run is not None and model is not None:
+            _fail(f"{target!r} is both a run and a model: add --model to remove the model", EXIT_INVALID)
+        if run is not None:
+            found.append(("run", target, run))
+        elif model is not None:
+            found.append(("model", target, {"path": model.path}))
+        else:
+            what = "completed model" if model_only else "run or completed model"
+            _fail(f"no {what} {target!r} (see `slmb list`)", EXIT_INVALID)
+    return found
+
+
+@app.command()
+def rm(targets: list[str] = typer.Argument(..., metavar="TASK_ID|MODEL...",
+                                           help="runs (by task id) and completed models (by name) to remove"),
+       model_only: bool = typer.Option(False, "--model", help="the names are models (when a run has that id too)"),
+       yes: bool = typer.Option(False, "--yes", "-y", help="remove without asking")) -> None:
+    """Remove runs (their events and checkpoints) and completed models from $SLMB_HOME. A running or queued run is
+    refused (stop it first). Asks first unless --yes; a model's copy in MLflow stays."""
+    from slmb.core.control import remove_run
+    from slmb.core.store import StoreError, remove_model, run_dir, tree_size
+
+    found = _describe_targets(targets, model_only)
+    total = 0
+    for kind, ident, info in found:
+        if kind == "run" and info["state"] in ("running", "queued", "unknown"):
+            _fail(f"run {ident} is {info['state']}: stop it first (slmb stop {ident})"
+                  if info["state"] != "unknown" else f"run {ident} is a task of the HTTP service whose state this "
+                  "machine cannot tell", EXIT_INVALID)
+        path = run_dir(ident).path if kind == "run" else info["path"]
+        size = tree_size(path.resolve() if kind == "model" else path)
+        total += size
+        desc = f"{info['state']}, {info['model_name'] or '-'}" if kind == "run" else "completed model"
+        typer.echo(f"{kind} {ident} ({desc}; {_human_bytes(size)}): {path}")
+    if not yes and not typer.confirm(f"remove {len(found)} item(s), {_human_bytes(total)}?", default=False):
+        _fail("nothing removed", EXIT_INVALID)
+    for kind, ident, _ in found:
+        try:
+            remove_run(ident) if kind == "run" else remove_model(ident)
+        except StoreError as exc:
+            _fail(str(exc), EXIT_INVALID)
+        typer.echo(f"removed {kind} {ident}")
+
+
+def parse_duration(text: str) -> float:
+    """``30m``, ``12h``, ``7d``, ``2w`` or seconds (``90``, ``90s``) in seconds; ValueError otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if not m:
+        raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 30m, 12h, 7d or 2w")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
+@app.command()
+def prune(older_than: str | None = typer.Option(None, "--older-than", metavar="AGE",
+                                                help="only runs last updated longer ago than AGE (30m, 12h, 7d, 2w)"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="list what would be removed, remove nothing"),
+          yes: bool = typer.Option(False, "--yes", "-y", help="remove without asking")) -> None:
+    """Remove the runs that can never become a model: failed (error), lost (their process died while running) and
+    stopped without a checkpoint. Finished and resumable runs, running ones and the HTTP service's tasks stay;
+    models are never pruned (`slmb rm MODEL`). Asks first unless --yes."""
+    from slmb.core.control import prune_candidates, remove_run
+    from slmb.core.store import StoreError, run_dir, tree_size
+
+    try:
+        age = parse_duration(older_than) if older_than is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--older-than") from None
+    chosen = prune_candidates(age)
+    if not chosen:
+        typer.echo("nothing to prune")
+        return
+    total = 0
+    for info in chosen:
+        size = tree_size(run_dir(info["task_id"]).path)
+        total += size
+        why = "no checkpoint" if info["state"] == "stopped" else info["state"]
+        typer.echo(f"run {info['task_id']} ({why}, {info['model_name'] or '-'}, step {info['step'] or 0}; "
+                   f"{_human_bytes(size)})")
+    if dry_run:
+        typer.echo(f"would remove {len(chosen)} run(s), {_human_bytes(total)} (--dry-run: nothing removed)")
+        return
+    if not yes and not typer.confirm(f"remove {len(chosen)} run(s), {_human_bytes(total)}?", default=False):
+        _fail("nothing removed", EXIT_INVALID)
+    removed = 0
+    for info in chosen:
+        try:
+            remove_run(info["task_id"])
+            removed += 1
+        except StoreError as exc:  # it changed meanwhile (resumed, say): leave it
+            typer.echo(f"kept {info['task_id']}: {exc}", err=True)
+    typer.echo(f"removed {removed} run(s)")
+
+
     """The Redis a task of the HTTP service recorded in its run dir (``service.json``), if it answers."""
     from slmb.core.control import service_of
     from slmb.core.store import StoreError, run_dir
@@ -808,7 +1146,9 @@ def _render_tasks(tasks: list[dict[str, Any]], service: bool = True) -> None:
         table.add_column(col, no_wrap=True)
     for t in tasks:
         created = datetime.fromtimestamp(t["created"]).strftime("%Y-%m-%d %H:%M:%S") if t["created"] else "-"
-        table.add_row(t["task_id"], t["model_name"] or "-", t["state"], *([t["celery_state"]] if service else []),
+        state = t["state"] + (", no checkpoint" if not service and not t.get("service")
+                              and t["state"] in ("stopped", "error", "lost") and not t.get("resumable") else "")
+        table.add_row(t["task_id"], t["model_name"] or "-", state, *([t["celery_state"]] if service else []),
                       "-" if t["step"] is None else f"{t['step']:,}", created)
     Console(width=None if sys.stdout.isatty() else 120).print(table)  # whole task ids, even when piped
 

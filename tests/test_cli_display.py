@@ -113,7 +113,7 @@ def test_live_display_of_a_successful_run(tmp_path, terminal_env, run_terminal):
     assert re.search(r"shown: [\d,]+ parameters on cpu \(fp32\); tiny_shakespeare .* with byte; 300 steps", text)
     # The bar is redrawn in place (rich erases the line each time), not printed line by line.
     assert term.raw.count(b"\x1b[2K") >= 3
-    frames = re.findall(r"train\s*\S*\s+(\d+)/300 epoch 1/1 loss ([\d.]+) val (\S+) lr (\S+) ([\d,]+) tok/s "
+    frames = re.findall(r"train\s*\S*\s+(\d+)/300 epoch 1/1 loss \(EMA\) ([\d.]+) val (\S+) lr (\S+) ([\d,]+) tok/s "
                         r"MFU ([\d.]+)% ETA (\d+:\d\d)", text)
     steps = [int(f[0]) for f in frames]
     # (rich redraws 10 times a second from a thread of its own: which steps it catches depends on the machine)
@@ -124,7 +124,10 @@ def test_live_display_of_a_successful_run(tmp_path, terminal_env, run_terminal):
     # The summary table when the run ends.
     assert "shown: finished" in text
     assert re.search(r"steps\s+│ 300 / 300", text) and re.search(r"best val loss\s+│ \d\.\d{4}", text)
-    assert re.search(r"model\s+│ \S*completed/shown", text), text[-2000:]
+    assert re.search(r"loss \(EMA\), last step\s+│ \d\.\d{4}", text)
+    assert re.search(r"train loss, last eval\s+│ \d\.\d{4}", text)
+    assert re.search(r"^model: \S*completed/shown\r?$", text, re.M), text[-2000:]
+    assert re.search(r"^\s+1\s+step\s+300\r?$", text, re.M) and "val loss (lowest" in text  # the loss curve
     assert ev.read_events(store.run_dir(task_id).events)[-1].name == "finished"
 
 
@@ -157,3 +160,13 @@ def test_second_ctrl_c_quits_at_once_without_a_model(tmp_path, terminal_env, run
 
     assert get_control().read_status(task_id)["state"] == "stopped"
     assert took < 30
+
+    # Listed as stopped without a checkpoint, and --resume says why it cannot, before any banner.
+    from slmb.core.control import list_runs, resume_problem
+
+    [listed] = list_runs()
+    assert (listed["state"], listed["resumable"]) == ("stopped", False)
+    assert "has no checkpoint to resume from: it was stopped before saving one" in resume_problem(task_id)
+    term = run_terminal(["train", "--resume", task_id, "--no-track"], terminal_env)
+    assert term.wait(60) == 1
+    assert "no checkpoint to resume from" in term.text and f"task {task_id}" not in term.text

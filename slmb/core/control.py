@@ -25,6 +25,7 @@ from slmb.core.store import (
     checkpoint_step,
     latest_checkpoint,
     read_json,
+    remove_tree,
     run_dir,
     slmb_home,
     write_json,
@@ -32,6 +33,7 @@ from slmb.core.store import (
 
 State = Literal["queued", "running", "stopped", "finished", "error"]
 DONE_STATES = ("stopped", "finished", "error")
+RESUMABLE_STATES = ("stopped", "error", "lost")  # with a checkpoint: `slmb train --resume` continues them
 
 
 class Control(Protocol):
@@ -225,9 +227,13 @@ def list_runs() -> list[dict[str, Any]]:
             step = next((e.step for e in reversed(ev.read_events(run.events))
                          if isinstance(e, (ev.Step, ev.Progress))), step)
         body = request if isinstance(request, dict) else {}
+        # Only a whole checkpoint on disk makes a run resumable: a second Ctrl-C, or a kill before the first
+        # checkpoint, leaves a stopped run with nothing to continue from.
+        ckpt = latest_checkpoint(run) if state in RESUMABLE_STATES and service is None else None
         runs.append({"task_id": run.task_id, "model_name": body.get("modelName") or body.get("model_name"),
                      "state": state, "step": step, "created": run.request.stat().st_mtime,
-                     "updated": status.get("updated"), "message": status.get("message"), "service": service})
+                     "updated": status.get("updated"), "message": status.get("message"), "service": service,
+                     "checkpoint": str(ckpt) if ckpt else None, "resumable": ckpt is not None})
     return sorted(runs, key=lambda r: r["created"])
 
 
@@ -248,3 +254,70 @@ def _service_status(run: Run, service: dict[str, Any]) -> dict[str, Any]:
 def get_control() -> Control:
     """The control backend in use: files in the run directory."""
     return FileControl()
+
+
+def find_run(task_id: str) -> dict[str, Any]:
+    """The :func:`list_runs` entry of one run; a :class:`StoreError` when there is no such run."""
+    run = run_dir(task_id)
+    if not run.exists():
+        raise StoreError(f"no run {task_id!r} in {run.path.parent}")
+    found = next((r for r in list_runs() if r["task_id"] == task_id), None)
+    if found is None:
+        raise StoreError(f"run {task_id} has no readable request.json in {run.path}")
+    return found
+
+
+def resume_problem(task_id: str) -> str | None:
+    """Why the run ``task_id`` cannot be resumed, or None when it can (it stopped, failed or was lost, and has a
+    whole checkpoint)."""
+    try:
+        info = find_run(task_id)
+    except StoreError as exc:
+        return str(exc)
+    state = info["state"]
+    if info["service"] is not None:
+        return (f"run {task_id} is a task of the HTTP service ({(info['service'] or {}).get('redis_url')}): this "
+                "machine does not hold its checkpoints")
+    if state == "finished":
+        return f"run {task_id} has finished; there is nothing to resume"
+    if state in ("running", "queued"):
+        return f"run {task_id} is still {state}"
+    if not info["resumable"]:
+        why = ("it was stopped before saving one (a second Ctrl-C quits without saving)" if state == "stopped"
+               else "it ended before saving one")
+        return f"run {task_id} ({state}) has no checkpoint to resume from: {why}"
+    return None
+
+
+def remove_run(task_id: str) -> dict[str, Any]:
+    """Remove a run's directory (events, checkpoints, request) from ``$SLMB_HOME/runs``; refuses one that is still
+    queued or running (stop it first), or a task of the HTTP service whose state this machine cannot tell.
+    Returns the run's :func:`list_runs` entry."""
+    info = find_run(task_id)
+    if info["state"] in ("running", "queued", "unknown"):
+        why = ("its state is in the HTTP service's Redis" if info["state"] == "unknown"
+               else f"it is {info['state']}: stop it first (slmb stop {task_id})")
+        raise StoreError(f"run {task_id} cannot be removed: {why}")
+    remove_tree(run_dir(task_id).path)
+    return info
+
+
+PRUNABLE = ("error", "lost")
+
+
+def prune_candidates(older_than_s: float | None = None, now: float | None = None) -> list[dict[str, Any]]:
+    """The runs ``slmb prune`` removes: failed (error), lost (their process died while running) and stopped
+    without a checkpoint, last updated more than ``older_than_s`` seconds ago when given. Finished runs, runs
+    that can be resumed, running ones and the HTTP service's tasks stay."""
+    now = time.time() if now is None else now
+    chosen = []
+    for info in list_runs():
+        if info["service"] is not None:
+            continue
+        if not (info["state"] in PRUNABLE or (info["state"] == "stopped" and not info["resumable"])):
+            continue
+        when = info["updated"] or info["created"]
+        if older_than_s is not None and now - when < older_than_s:
+            continue
+        chosen.append(info)
+    return chosen

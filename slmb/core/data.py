@@ -6,8 +6,9 @@ Resolution of a dataset name, in order:
   2. ``$SLMB_DATA_DIR/<name>`` (``tiny_shakespeare``: ``$SLMB_DATA_DIR/tiny_shakespeare/input.txt``);
   3. the user cache ``~/.cache/slmb/datasets/<name>`` (same layout);
   4. online only: ``tiny_shakespeare`` is downloaded (checksum-pinned) into the user cache; any other name is
-     streamed from the Hugging Face hub with a row cap. Nothing touches the network when ``HF_HUB_OFFLINE`` or
-     ``HF_DATASETS_OFFLINE`` is set: a miss fails at once with ``DatasetNotFoundError``.
+     streamed from the Hugging Face hub with a row cap. Nothing touches the network when ``SLMB_OFFLINE``,
+     ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set (1/true/yes/on): a miss fails at once with
+     ``DatasetNotFoundError``.
 
 Text is tokenized once into ``$SLMB_HOME/cache/tokens/<key>/{train.bin,val.bin,meta.json}``, keyed by a hash of
 the source's identity, the tokenizer and the split; later runs (offline too) map those files and never
@@ -92,9 +93,12 @@ class _Source:
     chunks: Callable[[], Chunks]
 
 
+OFFLINE_VARS = ("SLMB_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")  # any one set: no network at all
+
+
 def hub_offline() -> bool:
-    """True when the Hugging Face hub must not be contacted."""
-    flags = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    """True when no dataset may be fetched from the network (the Hugging Face hub, tiny_shakespeare's URL)."""
+    flags = (os.environ.get(v, "").strip().upper() for v in OFFLINE_VARS)
     return any(f in {"1", "ON", "YES", "TRUE"} for f in flags)
 
 
@@ -206,7 +210,8 @@ def _resolve(dataset: str, config: str | None, text_field: str, max_rows: int | 
         raise DatasetNotFoundError(_not_found(dataset, looked, hub=False))
     if name == "tiny_shakespeare":
         if hub_offline():
-            raise DatasetNotFoundError(_not_found(dataset, [*looked, f"{TINY_SHAKESPEARE_URL}: skipped, offline"]))
+            raise DatasetNotFoundError(_not_found(
+                dataset, [*looked, f"{TINY_SHAKESPEARE_URL}: skipped, offline ({_offline_set()} set)"]))
         try:
             return _local(_download_tiny_shakespeare(roots[-1] / rel), text_field, max_rows)
         except OSError as e:
@@ -220,15 +225,19 @@ def _resolve(dataset: str, config: str | None, text_field: str, max_rows: int | 
         # Checked only on a cache miss, so a hub dataset tokenized once keeps working offline.
         if hub_offline():
             raise DatasetNotFoundError(_not_found(
-                dataset, [*looked, "the Hugging Face hub: skipped, offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set)"]))
+                dataset, [*looked, f"the Hugging Face hub: skipped, offline ({_offline_set()} set)"]))
         return _cap(((t, True) for t in _hub_texts(name, config, text_field, looked)), max_rows)
 
     return _Source(identity, chunks)
 
 
+def _offline_set() -> str:
+    return "/".join(v for v in OFFLINE_VARS if os.environ.get(v, "").strip())
+
+
 def _not_found(dataset: str, looked: list[str], hub: bool = True) -> str:
     places = "\n".join(f"  {p}" for p in looked)
-    online = ("; or go online (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE) to fetch it once, after which the "
+    online = (f"; or go online (unset {', '.join(OFFLINE_VARS)}) to fetch it once, after which the "
               "tokens are cached" if hub else "")
     return (f"dataset {dataset!r} was not found. slmb looked at:\n{places}\n"
             f"Supply it as a local {'/'.join(SUFFIXES)} file or a folder of them (give its path as the dataset), "

@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -483,3 +483,58 @@ def load_completed(name: str, device: str | torch.device = "cpu"
         raise BrokenModelError(name, entry.error)
     # Every file from one version, even if a new one is published meanwhile.
     return read_model(entry.path.resolve(), name, device)
+
+
+# ---------------------------------------------------------------------------------------------------- removal
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the files under ``path`` (links not followed); 0 when it is gone."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _inside_home(path: Path) -> Path:
+    """``path`` (not followed if it is a link) when it lies strictly inside ``$SLMB_HOME``, else a StoreError."""
+    home = slmb_home().resolve()
+    where = path.parent.resolve() / path.name
+    if where == home or not where.is_relative_to(home):
+        raise StoreError(f"{path} is not inside $SLMB_HOME ({home}): slmb removes nothing outside it")
+    return where
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a run or model directory (or link) inside ``$SLMB_HOME``, atomically as far as readers see: it is
+    first renamed into ``$SLMB_HOME/.trash/`` (one rename(2) on the same file system: it is there, whole, or gone),
+    then deleted. A link is removed, never followed. Leftovers of an earlier removal that was cut short go too."""
+    where = _inside_home(path)
+    if not (where.exists() or where.is_symlink()):
+        return
+    trash = slmb_home().resolve() / ".trash"
+    trash.mkdir(exist_ok=True)
+    doomed = trash / f"{where.name}.{uuid.uuid4().hex[:8]}"
+    os.replace(where, doomed)
+    _fsync_path(where.parent)
+    for item in trash.iterdir():
+        if item.is_symlink() or not item.is_dir():
+            item.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(item, ignore_errors=True)
+
+
+def remove_model(name: str) -> Path:
+    """Remove the completed model ``name`` (its link and every version) from the store; returns where it was. Other
+    copies (an MLflow run's artifacts) stay."""
+    link = _completed_root() / check_model_name(name)
+    if not (link.is_symlink() or link.is_dir()):
+        known = ", ".join(e.name for e in list_models()) or "none"
+        raise StoreError(f"no completed model named {name!r} in {_completed_root()} (known: {known})")
+    with _name_lock(name) as versions:  # no save of this name is half-way
+        remove_tree(link)  # the name disappears in one rename; then its versions
+        remove_tree(versions)
+    (versions.parent / f"{name}.lock").unlink(missing_ok=True)
+    return link
