@@ -295,14 +295,6 @@ def worker(redis_url: str = typer.Option(..., "--redis-url", envvar="SLMB_REDIS_
 
 EXIT_STOPPED = 3  # `slmb train` ended by a stop (Ctrl-C or `slmb stop`): resumable, but not a finished model
 
-
-def _device_of(body: Any) -> str:
-    config = body.get("config") if isinstance(body, dict) else None
-    device = config.get("device") if isinstance(config, dict) else None
-    return device if isinstance(device, str) else "auto"
-
-
-def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool, track: bool) -> None:
 # What to change on the command line when a run fails for want of its data or tokenizer (the error names where
 # slmb looked; these say how to point it elsewhere without editing the request).
 FAILURE_HINTS = {
@@ -352,6 +344,14 @@ def _refuse_resume(task_id: str) -> None:
         again = ""
     _fail(problem + (again if "no checkpoint" in problem else ""), EXIT_INVALID)
 
+
+def _device_of(body: Any) -> str:
+    config = body.get("config") if isinstance(body, dict) else None
+    device = config.get("device") if isinstance(config, dict) else None
+    return device if isinstance(device, str) else "auto"
+
+
+def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool, track: bool) -> None:
     """`slmb train --nproc-per-node N`: run torchrun and own the run's signals and the end of its log.
 
     The ranks run in their own session, so a Ctrl-C here reaches only this process: the first asks for a stop
@@ -475,6 +475,13 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
           device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps"),
           dtype: str | None = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16 (compute precision)"),
           name: str | None = typer.Option(None, "--name", help="override modelName (names the completed model)"),
+          dataset: str | None = typer.Option(None, "--dataset", metavar="NAME|PATH",
+                                             help="override the request's dataset: a name (tiny_shakespeare, "
+                                                  "roneneldan/TinyStories, ...) or a local .txt/.jsonl/.json/"
+                                                  ".parquet file or folder of them"),
+          tokenizer: str | None = typer.Option(None, "--tokenizer", metavar="NAME|PATH",
+                                               help="override config.tokenizer: gpt2, byte, llama2, llama3, qwen3 "
+                                                    "or a tokenizer file"),
           resume: str | None = typer.Option(None, "--resume", metavar="TASK_ID",
                                             help="continue a stopped run from its latest checkpoint"),
           track: bool = typer.Option(True, "--track/--no-track", help="log the run to MLflow"),
@@ -498,13 +505,6 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
                                                    help="a c10d rendezvous instead of --master-addr/--node-rank"),
           task_id_given: str | None = typer.Option(None, "--task-id", hidden=True)) -> None:
     """Train a model; the finished model goes to the store (see `slmb list`).
-          dataset: str | None = typer.Option(None, "--dataset", metavar="NAME|PATH",
-                                             help="override the request's dataset: a name (tiny_shakespeare, "
-                                                  "roneneldan/TinyStories, ...) or a local .txt/.jsonl/.json/"
-                                                  ".parquet file or folder of them"),
-          tokenizer: str | None = typer.Option(None, "--tokenizer", metavar="NAME|PATH",
-                                               help="override config.tokenizer: gpt2, byte, llama2, llama3, qwen3 "
-                                                    "or a tokenizer file"),
 
     Prints the task id first, so another terminal can `slmb stop TASK_ID` or `slmb events TASK_ID --follow`.
     Ctrl-C stops after the current step with a checkpoint (resume with --resume TASK_ID); a second Ctrl-C
@@ -533,6 +533,8 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
         _fail("give a request FILE, or --resume TASK_ID to continue a stopped run", EXIT_UNREADABLE)
     body = read_request(file) if file is not None else None
     task_id = resume or task_id_given or new_task_id()
+    if resume is not None and not D.launched():  # before any banner: a run that cannot resume says why, alone
+        _refuse_resume(resume)
     overrides = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device,
                  "dtype": dtype, "model_name": name, "dataset": _local_path_or_name(dataset),
                  "tokenizer": _local_path_or_name(tokenizer)}
@@ -548,6 +550,7 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     if launch:
         flags = [a for flag, value in (("--epochs", epochs), ("--max-steps", max_steps), ("--batch-size", batch_size),
                                        ("--device", device), ("--dtype", dtype), ("--name", name),
+                                       ("--dataset", overrides["dataset"]), ("--tokenizer", overrides["tokenizer"]),
                                        ("--resume", resume), ("--max-memory", max_memory))
                  if value is not None for a in (flag, str(value))]
         args = ["train", *([str(file)] if file is not None else []), *flags, "--task-id", task_id,
@@ -557,8 +560,6 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
         _launch(cmd, task_id, D.rank_env(nproc_per_node or 1, device or _device_of(body)), node_rank == 0, track)
         return
     if as_json:
-    if resume is not None and not D.launched():  # before any banner: a run that cannot resume says why, alone
-        _refuse_resume(resume)
         sink: Any = ev.CallbackSink(lambda e: typer.echo(e.to_json()))
     else:
         from slmb.console import ConsoleSink
@@ -574,7 +575,6 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
     else:
         sink.console.print(f"task [bold]{task_id}[/] (from another terminal: slmb stop {task_id})", highlight=False,
                            soft_wrap=True)
-                                       ("--dataset", overrides["dataset"]), ("--tokenizer", overrides["tokenizer"]),
 
     def on_sigint(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C quits at once
@@ -713,6 +713,11 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
     from slmb.core.events import follow_events, read_events
     from slmb.core.store import StoreError, run_dir
 
+    if plot:
+        if follow:
+            _fail("--plot draws the events so far; it cannot be combined with --follow", EXIT_UNREADABLE)
+        _print_plot(_run_events(task_id))
+        return
     conn = _service_redis() or _recorded_redis(task_id)
     if conn is not None:
         from slmb.api import redis_events as rev
@@ -736,11 +741,6 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
         _fail(f"no run {task_id!r} in {run.path.parent}", EXIT_INVALID)
     service = service_of(run)
     if service is not None and not run.events.exists():  # a worker elsewhere wrote them: they are in Redis only
-    if plot:
-        if follow:
-            _fail("--plot draws the events so far; it cannot be combined with --follow", EXIT_UNREADABLE)
-        _print_plot(_run_events(task_id))
-        return
         _fail(f"task {task_id} ran on the HTTP service; its events are in its Redis ({service.get('redis_url')}), "
               "which does not answer or no longer holds it: set SLMB_REDIS_URL to the service's Redis", EXIT_INVALID)
     try:
@@ -750,29 +750,6 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
         raise typer.Exit(130) from None
 
 
-# ---------------------------------------------------------------------------------------------------- service
-
-
-def _service_redis() -> Any:
-    """A Redis client for $SLMB_REDIS_URL (the HTTP service's), or None when it is not set."""
-    import os
-
-    url = os.environ.get("SLMB_REDIS_URL")
-    if not url:
-        return None
-    import redis
-
-    from slmb.api.redis_events import connect
-
-    conn = connect(url)
-    try:
-        conn.ping()
-    except redis.RedisError as exc:
-        _fail(f"cannot reach the service's Redis at $SLMB_REDIS_URL={url}: {exc}", EXIT_INVALID)
-    return conn
-
-
-def _recorded_redis(task_id: str) -> Any:
 def _run_events(task_id: str) -> list[dict[str, Any]]:
     """A run's events in wire form ({"event", "data"}), from the service's Redis when it holds the task (as
     `slmb events` reads them), else from $SLMB_HOME/runs/<task_id>/events.jsonl; exits 1 when there are none."""
@@ -1042,6 +1019,29 @@ def prune(older_than: str | None = typer.Option(None, "--older-than", metavar="A
     typer.echo(f"removed {removed} run(s)")
 
 
+# ---------------------------------------------------------------------------------------------------- service
+
+
+def _service_redis() -> Any:
+    """A Redis client for $SLMB_REDIS_URL (the HTTP service's), or None when it is not set."""
+    import os
+
+    url = os.environ.get("SLMB_REDIS_URL")
+    if not url:
+        return None
+    import redis
+
+    from slmb.api.redis_events import connect
+
+    conn = connect(url)
+    try:
+        conn.ping()
+    except redis.RedisError as exc:
+        _fail(f"cannot reach the service's Redis at $SLMB_REDIS_URL={url}: {exc}", EXIT_INVALID)
+    return conn
+
+
+def _recorded_redis(task_id: str) -> Any:
     """The Redis a task of the HTTP service recorded in its run dir (``service.json``), if it answers."""
     from slmb.core.control import service_of
     from slmb.core.store import StoreError, run_dir

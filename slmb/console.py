@@ -118,14 +118,14 @@ class ConsoleSink:
                                            shown={"epoch": f"epoch 1/{e.epochs}"})
         self.progress.start()
 
-    def _on_progress(self, e: ev.Progress) -> None:
-        self.latest = e
-        if self.progress is not None:
     def fixed_width(self) -> int:
         """Columns the live line spends before its fields: "train", the bar, step n/N and the gaps between."""
         total = self.started.total_steps if self.started else 0
         return len("train") + bar_width(self.console.width) + 2 * len(str(total)) + 1 + 3
 
+    def _on_progress(self, e: ev.Progress) -> None:
+        self.latest = e
+        if self.progress is not None:
             shown = {"epoch": f"epoch {e.epoch + 1}/{e.epochs}", "loss": f"loss (EMA) {fmt_loss(e.loss_ema)}",
                      "val": f"val {fmt_loss(e.val_loss)}", "lr": f"lr {e.lr:.2e}" if e.lr is not None else "lr -",
                      "tps": f"{e.tokens_per_sec:,.0f} tok/s" if e.tokens_per_sec else "- tok/s",
@@ -137,12 +137,12 @@ class ConsoleSink:
 
     def _on_eval(self, e: ev.Eval) -> None:
         self.best_val = e.best_val_loss
-        self._print(f"step {e.step:,}: train loss {fmt_loss(e.train_loss)}, val loss {fmt_loss(e.val_loss)}"
-                    + (f" (best {fmt_loss(e.best_val_loss)})" if e.best_val_loss is not None else ""))
-
         self.last_eval = e
         if e.val_loss is not None:
             self.val_points.append((e.step, e.val_loss))
+        self._print(f"step {e.step:,}: train loss {fmt_loss(e.train_loss)}, val loss {fmt_loss(e.val_loss)}"
+                    + (f" (best {fmt_loss(e.best_val_loss)})" if e.best_val_loss is not None else ""))
+
     def _on_epoch(self, e: ev.Epoch) -> None:
         self._print(f"epoch {e.epoch + 1} done at step {e.step:,}: mean loss {fmt_loss(e.epoch_loss)}")
 

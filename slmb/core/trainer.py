@@ -208,9 +208,9 @@ def apply_overrides(body: Mapping[str, Any], overrides: Mapping[str, Any] | None
         if key in ("model_name", "modelName"):
             body.pop("model_name", None)
             body["modelName"] = value
-        else:
         elif key == "dataset":
             body["dataset"] = value
+        else:
             config[key] = value
     body["config"] = config
     return body
