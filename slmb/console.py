@@ -105,10 +105,13 @@ class ConsoleSink:
         self.started = e
         resumed = f", resumed from step {e.resumed_from_step:,}" if e.resumed_from_step else ""
         cache = {True: " (token cache)", False: " (tokenized now)"}.get(e.token_cache_hit, "")
+        warmup = f" (warmup {e.warmup_steps:,})" if e.warmup_steps is not None else ""
         self._print(f"[bold]{escape(e.model_name)}[/]: {e.parameters:,} parameters on {e.device} ({e.dtype}); "
-                    f"{escape(e.dataset)}{cache} with {escape(e.tokenizer)}; {e.total_steps:,} steps, "
+                    f"{escape(e.dataset)}{cache} with {escape(e.tokenizer)}; {e.total_steps:,} steps{warmup}, "
                     f"{e.epochs} epoch(s) of {e.steps_per_epoch:,}, batch {e.batch_size} × {e.context_length}"
                     f"{resumed}")
+        for w in e.warnings:  # the request's validation warnings (config keys that disagree with the nodes, ...)
+            self._print(f"[yellow]warning[/] {escape(str(w.get('path') or '/'))}: {escape(str(w.get('message')))}")
         self._stop_live()
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(bar_width=bar_width(self.console.width)), MofNCompleteColumn(),

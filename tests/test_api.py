@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -280,6 +281,45 @@ def test_force_stop_kills_the_job_and_the_stream_still_ends_with_stopped(service
         health = wait_until(lambda: (h := client.get("/healthz").json())["workers"]["workers"][0]["state"] == "idle"
                             and h, 15, "the worker to be idle again")
         assert health["workers"]["count"] == 1
+
+
+def test_compat_seed_reports_a_stop_made_elsewhere_as_finished_with_status_stopped(service):
+    """The old canvas front end knows only `finished` and `error`: with ?compat=seed its stream of a run stopped by
+    someone else ends in `finished` with `"status": "stopped"` (a forced stop, and a cancel while queued), while
+    the plain stream keeps the honest `stopped`."""
+    with service.client() as client:
+        assert client.get("/api/v1/events/whatever?compat=nope").json()["detail"] == (
+            "query parameter 'compat': Input should be 'seed'")
+        running = submit_and_wait(client, tiny_request("compat-running", max_steps=100_000), until="progress")
+        queued = client.post("/api/v1/train-complete-model", json=tiny_request("compat-queued")).json()["task_id"]
+        with ThreadPoolExecutor(2) as pool:  # the front end's streams are open when the stops come
+            live = pool.submit(read_sse, client, f"/api/v1/events/{running}?compat=seed")
+            live_queued = pool.submit(read_sse, client, f"/api/v1/events/{queued}?compat=seed")
+            wait_until(lambda: _blocked_clients(service.redis()) >= 2, 60, "both streams to be following")
+            for task_id, force in ((queued, False), (running, True)):
+                stop = client.post("/api/v1/stop-training", json={"task_id": task_id, "force_kill": force})
+                assert stop.status_code == 200
+            compat, compat_queued = events_of(live.result(120)), events_of(live_queued.result(120))
+
+        names = [m["event"] for m in compat]
+        assert "stopped" not in names and names[-3:] == ["stop_forced", "status", "finished"]
+        end = compat[-1]["data"]
+        assert end["status"] == "stopped" and end["reason"] == "force" and end["step"] >= 1
+        assert end["model_name"] == "compat-running" and end["task_id"] == running and "path" not in end
+        assert end["train_loss"] > 0 and end["elapsed_s"] > 0  # the last progress this client saw
+        assert [m["event"] for m in compat_queued][-1] == "finished" and "started" not in compat_queued
+        end = compat_queued[-1]["data"]
+        assert end["status"] == "stopped" and end["model_name"] == "compat-queued" and end["train_loss"] is None
+
+        # The plain stream of the same run is unchanged and ends with `stopped`, at the same stream id.
+        plain = events_of(read_sse(client, f"/api/v1/events/{running}"))
+        assert plain[-1]["event"] == "stopped" and plain[-1]["id"] == compat[-1]["id"]
+        assert {k: v for k, v in compat[-1]["data"].items() if k in plain[-1]["data"]} == plain[-1]["data"]
+        # A client that resumes past `started` still gets the model's name (from the task's record).
+        again = events_of(read_sse(client, f"/api/v1/events/{running}?compat=seed",
+                                   headers={"Last-Event-ID": compat[-2]["id"]}))
+        assert [m["event"] for m in again] == ["connected", "finished"]
+        assert again[-1]["data"]["model_name"] == "compat-running" and again[-1]["data"]["train_loss"] is None
 
 
 def test_a_worker_killed_mid_training_fails_the_job_with_an_error_event(service, monkeypatch):

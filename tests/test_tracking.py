@@ -22,7 +22,8 @@ def test_default_uri_and_links(monkeypatch):
 def test_params_are_the_flattened_config_with_defaults():
     params = tracking.request_params(REQUEST)
     assert params["epochs"] == "2" and params["learning_rate"] == "0.001"
-    assert params["warmup_steps"] == "100"  # a default the request left out
+    assert params["grad_clip"] == "1.0"  # a default the request left out
+    assert "warmup_steps" not in params  # its default depends on the run's length: the sink logs it when it starts
     assert params["rope_config.factor"] == "8.0"
     assert params["dataset"] == "tiny_shakespeare" and params["model_name"] == "tiny"
 
@@ -31,7 +32,7 @@ def _events(task_id, path):
     yield ev.Status(task_id=task_id, state="running")
     yield ev.Started(task_id=task_id, model_name="tiny", total_steps=4, epochs=2, steps_per_epoch=2, batch_size=4,
                      context_length=16, parameters=4096, device="cpu", dtype="fp32", tokenizer="byte",
-                     dataset="tiny_shakespeare")
+                     dataset="tiny_shakespeare", warmup_steps=0)
     for step in range(1, 5):
         yield ev.Step(task_id=task_id, step=step, total_steps=4, epoch=(step - 1) // 2, loss=5.0 - step, lr=1e-3,
                       grad_norm=0.5, tokens_per_sec=1000.0, mfu=0.01 * step)
@@ -64,6 +65,7 @@ def test_mlflow_sink_logs_metrics_params_tags_and_artifacts(monkeypatch):
     assert run.data.tags["model_name"] == "tiny" and run.data.tags["task_id"] == "task-1"
     assert run.data.tags["training_status"] == "finished"
     assert run.data.params["learning_rate"] == "0.001" and run.data.params["dataset"] == "tiny_shakespeare"
+    assert run.data.params["warmup_steps"] == "0"  # the trainer's resolved default, from the started event
     history = {key: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
                for key in ("train/step_loss", "train/step_loss_ema", "train/epoch_loss", "eval/train_loss",
                            "eval/val_loss", "train/lr", "train/tokens_per_sec", "train/grad_norm", "train/mfu")}

@@ -1,3 +1,4 @@
+import io
 import json
 import math
 import os
@@ -5,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from toy import toy_request
 
+from slmb.console import ConsoleSink
 from slmb.core import events as ev
 from slmb.core import store
 from slmb.core.compiler import build_model
@@ -52,6 +55,62 @@ def test_lr_schedule():
     assert get_lr(60, schedule="linear", **kw) == pytest.approx(0.55)
     assert get_lr(85, schedule="linear", **kw) == pytest.approx(0.325)
     assert get_lr(100, schedule="constant", **kw) == 1.0
+
+
+def test_default_warmup_is_a_tenth_of_the_run_at_most_100():
+    config = TrainRequest.model_validate(toy_request()).config
+    assert config.warmup_steps == 0  # toy_request sets it
+    default = TrainRequest.model_validate({**toy_request(), "config": {}}).config
+    assert default.warmup_steps is None
+    assert [default.resolved_warmup(n) for n in (1, 9, 10, 37, 999, 1000, 5000)] == [0, 0, 1, 3, 99, 100, 100]
+    assert [config.model_copy(update={"warmup_steps": w}).resolved_warmup(37) for w in (0, 5, 500)] == [0, 5, 500]
+
+
+def test_a_short_run_reaches_its_learning_rate_and_says_its_warmup():
+    """37 optimizer steps (of two micro-batches each) warm up for 3 by default, not 100: the lr reaches its peak."""
+    body = toy_request(max_steps=37, batch_size=2, grad_accum_steps=2, learning_rate=1e-3)
+    del body["config"]["warmup_steps"]
+    terminal = io.StringIO()
+    _, events = run(body, sinks=[ConsoleSink(Console(file=terminal, width=200))])
+    assert "; 37 steps (warmup 3), 1 epoch(s)" in terminal.getvalue()  # slmb train's first line
+    started = next(e for e in events if e.name == "started")
+    assert started.warmup_steps == 3 and started.total_steps == 37
+    lrs = {e.step: e.lr for e in events if e.name == "step"}
+    assert len(lrs) == 37
+    assert [lrs[1], lrs[2], lrs[3]] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # step k uses get_lr(k - 1)
+    assert max(lrs.values()) == pytest.approx(1e-3) == lrs[4] and lrs[37] < lrs[5] < lrs[4]  # then cosine decay
+    assert not [e for e in events if e.name == "warning"]
+
+
+def test_an_explicit_warmup_stays_as_given():
+    _, events = run(toy_request(max_steps=8, warmup_steps=6, learning_rate=1e-3))
+    assert next(e for e in events if e.name == "started").warmup_steps == 6
+    lrs = {e.step: e.lr for e in events if e.name == "step"}
+    assert lrs[1] == pytest.approx(1e-3 / 6) and lrs[6] == pytest.approx(1e-3) and max(lrs.values()) == lrs[6]
+    _, events = run(toy_request(max_steps=4, warmup_steps=100))  # longer than the run: kept, and a warning says so
+    assert next(e for e in events if e.name == "started").warmup_steps == 100
+    assert any("warmup_steps (100) >= total steps (4)" in e.message for e in events if e.name == "warning")
+
+
+def test_the_started_event_carries_the_requests_validation_warnings():
+    """Config keys that document the architecture but disagree with the nodes reach every screen of the run."""
+    body = toy_request(max_steps=1, n_heads=4, emb_dim=32, n_blocks=3)  # the canvas: 2 heads, width 32, 1 block
+    body["config"]["colour"] = "blue"
+    terminal = io.StringIO()
+    _, events = run(body, sinks=[ConsoleSink(Console(file=terminal, width=200))])
+    assert "warning /config/n_blocks: config.n_blocks = 3 but the canvas has 1 blocks" in terminal.getvalue()
+    started = next(e for e in events if e.name == "started")
+    got = {w["path"]: w for w in started.warnings}
+    assert set(got) == {"/config/n_heads", "/config/n_blocks", "/config/colour"}
+    heads = got["/config/n_heads"]
+    assert heads["message"] == "config.n_heads = 4 but /model/3/children/1 uses 2"
+    assert heads["severity"] == "warning" and heads["check"] == "config_agreement" and heads["hint"]
+    assert got["/config/n_blocks"]["message"] == "config.n_blocks = 3 but the canvas has 1 blocks"
+    assert got["/config/colour"]["check"] == "unknown_keys"
+    # On the wire (JSONL, Redis, SSE) as started.data.warnings.
+    assert started.to_wire()["data"]["warnings"] == started.warnings
+    _, clean = run(toy_request(max_steps=1, n_heads=2, emb_dim=32, n_blocks=1))
+    assert next(e for e in clean if e.name == "started").warnings == []
 
 
 def test_first_loss_is_close_to_ln_vocab():
@@ -115,6 +174,7 @@ def test_event_sequence_checkpoints_and_completed_model():
 
 def test_stop_and_resume_give_the_losses_of_an_uninterrupted_run():
     body = toy_request(max_steps=12, dropout=0.1, eval_every=4, name="resumable")
+    del body["config"]["warmup_steps"]  # the default (12 // 10): the resumed session must warm up the same way
     full, _ = run(body)
     again, full_events = run(body)  # a second uninterrupted run: the loop is deterministic
     full_task_id = again.task_id
@@ -136,6 +196,7 @@ def test_stop_and_resume_give_the_losses_of_an_uninterrupted_run():
     resumed, second = run(None, task_id=task_id, resume=True)
     assert resumed.state == "finished" and resumed.step == 12
     assert second[1].name == "started" and second[1].resumed_from_step == 5
+    assert second[1].warmup_steps == first[1].warmup_steps == 1
     assert losses(first) == {k: v for k, v in losses(full_events).items() if k <= 5}
     assert losses(second) == {k: v for k, v in losses(full_events).items() if k > 5}
     assert resumed.val_loss == full.val_loss

@@ -74,6 +74,10 @@ class Started(Event):
     world_size: int = 1  # processes training together (torchrun); batch_size is the global batch over all of them
     strategy: str | None = None  # "ddp" or "fsdp" on several processes, None for one
     activation_checkpointing: bool = False
+    warmup_steps: int | None = None  # the learning-rate warmup, in optimizer steps (None: a log older than the field)
+    # The request's validation warnings (validate.Issue dicts: path, message, hint, severity, check, ...), e.g.
+    # config keys that describe the architecture and disagree with the nodes, which define it.
+    warnings: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class Step(Event):

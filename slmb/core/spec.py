@@ -329,7 +329,9 @@ class Config(BaseModel):
     learning_rate: Annotated[float, Field(gt=0, le=10)] = 3e-4
     min_lr: Annotated[float, Field(ge=0, le=10)] | None = None
     weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.1
-    warmup_steps: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 100
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = Field(None, description=(
+        "Optimizer steps of linear warmup to learning_rate. Default: a tenth of the run's optimizer steps, at most "
+        "100 (a 37-step run warms up for 3), so that a short run still reaches its learning rate."))
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_accum_steps: Annotated[int, Field(ge=1, le=1 << 16)] = 1
     grad_clip: Annotated[float, Field(ge=0)] = 1.0
@@ -381,6 +383,11 @@ class Config(BaseModel):
     @property
     def resolved_stride(self) -> int:
         return self.stride or self.context_length
+
+    def resolved_warmup(self, total_steps: int) -> int:
+        """The warmup of a run of ``total_steps`` optimizer steps: ``warmup_steps`` as given, else
+        min(100, total_steps // 10). A resumed run has the same total, so the same warmup."""
+        return self.warmup_steps if self.warmup_steps is not None else min(100, total_steps // 10)
 
     @property
     def tokenizer_name(self) -> str:

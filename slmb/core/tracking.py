@@ -261,7 +261,13 @@ class MlflowSink:
             self._client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
 
     def _handle(self, event: ev.Event) -> None:
-        if isinstance(event, ev.Step):
+        if isinstance(event, ev.Started):
+            # A default the trainer resolves from the run's length (the request's params lack it). Logged once: a
+            # resumed session has it from the first, and MLflow refuses to change a logged param.
+            if event.warmup_steps is not None and not event.resumed_from_step and "warmup_steps" not in (
+                    self.request.get("config") or {}):
+                self._client.log_param(self.run_id, "warmup_steps", str(event.warmup_steps))
+        elif isinstance(event, ev.Step):
             self._metric("train/step_loss", event.loss, event, event.step)
             self._metric("train/lr", event.lr, event, event.step)
             self._metric("train/grad_norm", event.grad_norm, event, event.step)

@@ -55,6 +55,7 @@ from slmb.core.store import (
 
 STEP_EVERY_S = 0.5  # step/progress events at most twice a second (plus the first and the last step)
 EMA = 0.9  # smoothing of loss_ema
+MAX_STARTED_WARNINGS = 100  # a request with thousands of unknown keys must not make the started event huge
 
 
 @dataclass
@@ -437,7 +438,7 @@ def _train(request: Mapping[str, Any] | None, task_id: str | None, sinks: Sequen
     control.write_status(run.task_id, "running", model_name=model_name, pid=os.getpid())
     emitter.emit(ev.Status(task_id=run.task_id, state="running"))
     loop = _Loop(run, body, report.request, model_name, emitter, control, mlflow_sink, step_every_s, confined,
-                 dist)
+                 dist, warnings=[w.to_dict() for w in report.warnings[:MAX_STARTED_WARNINGS]])
     try:
         return loop.run(resume)
     except KeyboardInterrupt:
@@ -495,7 +496,7 @@ class _Loop:
 
     def __init__(self, run: Run, body: dict[str, Any], req: Any, model_name: str, emitter: ev.Emitter,
                  control: Control, mlflow_sink: Any, step_every_s: float, confined: bool = False,
-                 dist: Dist | None = None):
+                 dist: Dist | None = None, warnings: list[dict[str, Any]] | None = None):
         self.dist = dist or Dist()
         self.run_, self.body, self.req, self.model_name = run, body, req, model_name
         self.emitter, self.control, self.mlflow_sink = emitter, control, mlflow_sink
@@ -506,6 +507,7 @@ class _Loop:
         self.total_steps = 0
         self.best_weights: dict[str, torch.Tensor] | None = None  # with early stopping: the best eval's weights
         self.parameters = 0
+        self.warnings = warnings or []  # the request's validation warnings, for the started event
         # config.init_from's own tokenizer files (an imported checkpoint's), copied into the finished model.
         self.own_tokenizer: dict[str, Path] = {}
 
@@ -586,8 +588,9 @@ class _Loop:
         total_steps = cfg.epochs * steps_per_epoch
         if cfg.max_steps is not None:
             total_steps = min(total_steps, cfg.max_steps)
-        if cfg.warmup_steps >= total_steps:
-            self.warn(f"warmup_steps ({cfg.warmup_steps}) >= total steps ({total_steps}): the learning rate "
+        warmup = cfg.resolved_warmup(total_steps)
+        if warmup >= total_steps:
+            self.warn(f"warmup_steps ({warmup}) >= total steps ({total_steps}): the learning rate "
                       "never reaches learning_rate")
         min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.learning_rate / 10
         for repeat in (m for m in model.modules() if isinstance(m, N.Repeat)):
@@ -639,7 +642,8 @@ class _Loop:
                   dataset=req.dataset, resumed_from_step=start_step, train_tokens=len(data.train),
                   val_tokens=len(data.val), token_cache_hit=data.from_cache, grad_accum_steps=accum,
                   flops_per_token=flops_per_token, peak_flops=peak, world_size=W, strategy=strategy,
-                  activation_checkpointing=cfg.activation_checkpointing)
+                  activation_checkpointing=cfg.activation_checkpointing, warmup_steps=warmup,
+                  warnings=self.warnings)
 
         model.train()
         t0 = time.monotonic()
@@ -654,7 +658,7 @@ class _Loop:
                 stop_reason = "requested"
                 break
             t_step = time.monotonic()
-            lr = get_lr(st.step, total_steps, cfg.learning_rate, min_lr, cfg.warmup_steps, cfg.lr_schedule)
+            lr = get_lr(st.step, total_steps, cfg.learning_rate, min_lr, warmup, cfg.lr_schedule)
             epoch, cursor = divmod(st.step, steps_per_epoch)
             loss, grad_norm = step([train_loader.batch(epoch, cursor * accum + k, dist.rank, W)
                                     for k in range(accum)], lr)

@@ -11,18 +11,24 @@ every later event exactly once. When Redis fails mid-stream the client is kept (
 route retries for ``SLMB_REDIS_WAIT_S``; if Redis is still away it sends a ``retry:`` hint and a ``warning``
 without an id (so the client's last id stands) and closes: an EventSource reconnects and resumes. It never
 sends a terminal event the stream does not hold.
+
+``?compat=seed``: for the old canvas front end, which knows only ``finished`` and ``error`` and reports any other
+end of the stream as a failed connection. A stopped run's terminal ``stopped`` event is sent as ``finished`` with
+``"status": "stopped"`` in its data, as the old backend did (see :class:`SeedCompat`). Every other event is as is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import redis
-from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
 from slmb.api import redis_events as rev
@@ -59,9 +65,41 @@ async def trimmed_warning(r, task_id: str, after: str) -> str | None:
     return sse_message(ev.Warning(task_id=task_id, message=message, source="events").to_json())
 
 
-async def follow(r, task_id: str, after: str, keepalive_s: float, wait_s: float, known: bool = True
-                 ) -> AsyncIterator[str]:
-    """The stream's messages; ``known``: the task is known to exist (else it is checked once Redis answers)."""
+class SeedCompat:
+    """Rewrites a stream for the old front end: the terminal ``stopped`` becomes ``finished`` with ``status:
+    "stopped"``. Its data keeps the ``stopped`` keys (``step``, ``checkpoint``, ``reason``: ``force`` after a forced
+    stop) and adds the ``finished`` keys a client may read: ``model_name`` (from ``started``, else the task's
+    record), ``train_loss`` (the last smoothed loss), ``val_loss`` and ``elapsed_s``, None when this client saw no
+    progress (it resumed past it). ``path`` stays out: a stopped run published no model."""
+
+    def __init__(self, r: Any, task_id: str):
+        self.r, self.task_id = r, task_id
+        self.seen: dict[str, Any] = {"model_name": None, "train_loss": None, "val_loss": None, "elapsed_s": None}
+
+    async def message(self, name: str, data: str) -> str:
+        if name == "started":
+            self.seen["model_name"] = json.loads(data)["data"].get("model_name")
+        elif name == "progress":
+            progress = json.loads(data)["data"]
+            self.seen.update(train_loss=progress.get("loss_ema", progress.get("loss")),
+                             elapsed_s=progress.get("elapsed_s"))
+            if progress.get("val_loss") is not None:
+                self.seen["val_loss"] = progress["val_loss"]
+        elif name == "stopped":
+            stopped = json.loads(data)["data"]
+            if self.seen["model_name"] is None:  # stopped while queued, or this client resumed past `started`
+                with contextlib.suppress(redis.RedisError, OSError):  # the name is a courtesy: never lose the end
+                    name_field = await self.r.hget(rev.task_key(self.task_id), "model_name")
+                    self.seen["model_name"] = name_field.decode() if name_field else None
+            return json.dumps({"event": "finished", "data": {**self.seen, **stopped, "status": "stopped"}},
+                              separators=(",", ":"))
+        return data
+
+
+async def follow(r, task_id: str, after: str, keepalive_s: float, wait_s: float, known: bool = True,
+                 compat: SeedCompat | None = None) -> AsyncIterator[str]:
+    """The stream's messages; ``known``: the task is known to exist (else it is checked once Redis answers);
+    ``compat``: rewrites each message for an old client."""
     yield sse_message(ev.Connected(task_id=task_id).to_json(), after)
     try:
         warning = await trimmed_warning(r, task_id, after)
@@ -101,9 +139,9 @@ async def follow(r, task_id: str, after: str, keepalive_s: float, wait_s: float,
             yield ": keep-alive\n\n"
             continue
         for eid, fields in reply[0][1]:
-            cursor = eid.decode()
-            yield sse_message(fields[b"json"].decode(), cursor)
-            if fields[b"event"].decode() in ev.TERMINAL:
+            cursor, name, data = eid.decode(), fields[b"event"].decode(), fields[b"json"].decode()
+            yield sse_message(await compat.message(name, data) if compat else data, cursor)
+            if name in ev.TERMINAL:
                 return
 
 
@@ -112,7 +150,10 @@ async def follow(r, task_id: str, after: str, keepalive_s: float, wait_s: float,
             responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "unknown task"},
                        400: {"description": "malformed Last-Event-ID"}})
 async def events(task_id: str, request: Request,
-                 last_event_id: str | None = Header(None, description="resume after this stream id")
+                 last_event_id: str | None = Header(None, description="resume after this stream id"),
+                 compat: Literal["seed"] | None = Query(None, description=(
+                     "seed: for the old canvas front end, which knows only `finished` and `error`: a stopped run "
+                     "ends with `finished` and `\"status\": \"stopped\"` in its data instead of `stopped`"))
                  ) -> StreamingResponse:
     r = request.app.state.aredis
     known: bool | None = False
@@ -130,5 +171,6 @@ async def events(task_id: str, request: Request,
         raise HTTPException(400, f"Last-Event-ID must be an event id of this stream, like 1700000000000-0 (the "
                                  f"id: line of a message), got {json.dumps(after)[:80]}")
     return StreamingResponse(follow(r, task_id, after, request.app.state.settings.sse_keepalive_s,
-                                    rev.redis_wait_s(), known=known is not None),
+                                    rev.redis_wait_s(), known=known is not None,
+                                    compat=SeedCompat(r, task_id) if compat == "seed" else None),
                              media_type="text/event-stream", headers=SSE_HEADERS)
