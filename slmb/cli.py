@@ -673,6 +673,11 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="print models
         _render_tasks(shown, service)
         for message in dict.fromkeys(t["message"] for t in shown if t["state"] == "unknown"):
             typer.echo(f"unknown: {message}")
+        dead = [t for t in shown if not service and not t.get("service") and not t.get("resumable")
+                and t["state"] in ("stopped", "error", "lost")]
+        if dead:
+            typer.echo(f"{len(dead)} of these can never become a model (failed, lost, or stopped without a "
+                       "checkpoint): `slmb prune` removes them, `slmb rm TASK_ID` one of them")
     if not models:
         typer.echo("no completed models yet (train one with `slmb train FILE`)")
         return

@@ -231,6 +231,7 @@ def test_a_stopped_run_without_a_checkpoint_is_listed_and_refused_as_not_resumab
     table = slmb("list", env={"COLUMNS": "200"}).stdout
     assert re.search(rf"{bare}\s*│ bare\s*│ stopped, no checkpoint", table), table
     assert re.search(rf"{saved}\s*│ saved\s*│ stopped\s*│", table), table
+    assert "1 of these can never become a model" in table and "`slmb prune` removes them" in table
 
     refused = slmb("train", "--resume", bare)
     assert refused.returncode == 1 and "task" not in refused.stdout
