@@ -255,9 +255,17 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
               help="each worker trains every run on N processes through torchrun: one per GPU (NCCL), or CPU "
                    "processes (gloo); the API then admits a run by one device's share and a batch_size that splits "
                    "over N (default: one process per run)"),
+          mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", envvar="SLMB_SERVE_MLFLOW",
+                                      help="start the MLflow UI on the tracking store (not when MLFLOW_TRACKING_URI "
+                                           "names a server: the links point there)"),
+          mlflow_port: int = typer.Option(5000, "--mlflow-port", min=1, max=65535, envvar="SLMB_MLFLOW_PORT",
+                                          help="the MLflow UI's port"),
+          mlflow_host: str = typer.Option("127.0.0.1", "--mlflow-host",
+                                          help="address the MLflow UI listens on (it has no login: mind who can "
+                                               "reach it)"),
           log_level: str = typer.Option("info", "--log-level")) -> None:
-    """Run the HTTP service (API, workers and, unless --redis-url is given, Redis) until Ctrl-C or SIGTERM.
-    The workers and Redis it starts are restarted when they exit."""
+    """Run the HTTP service (API, workers, the MLflow UI and, unless --redis-url is given, Redis) until Ctrl-C or
+    SIGTERM. The workers, the UI and Redis it starts are restarted when they exit."""
     import logging
     import os
 
@@ -270,7 +278,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         run_service(host=host, port=port, redis_url=redis_url, workers=workers, log_level=log_level,
-                    nproc_per_node=nproc_per_node)
+                    nproc_per_node=nproc_per_node, mlflow=mlflow, mlflow_port=mlflow_port, mlflow_host=mlflow_host)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:
@@ -412,6 +420,21 @@ def _launch(cmd: list[str], task_id: str, env: dict[str, str], holds_rank0: bool
         raise typer.Exit(EXIT_INVALID)
 
 
+def _mlflow_line(info: dict[str, Any]) -> str:
+    """Where to see the run: its page on a tracking server or on a UI that answers at $SLMB_MLFLOW_UI (`slmb serve`
+    sets it); else the command that opens a UI on the local store, and the run's place in it."""
+    from slmb.core import tracking
+
+    run_id, experiment_id = info.get("mlflow_run_id"), info.get("mlflow_experiment_id")
+    url, base = info.get("mlflow_url"), tracking.mlflow_ui_base()
+    if url and base and (tracking.tracking_uri().startswith(("http://", "https://")) or tracking.ui_answers(base)):
+        return f"MLflow run: {url}"
+    command = tracking.mlflow_ui_command()
+    if not (command and run_id and experiment_id):
+        return f"MLflow run: {run_id}"
+    return f"MLflow run {run_id}: open a UI with `{command}`, then {tracking.mlflow_run_path(run_id, experiment_id)}"
+
+
 def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool, track: bool,
                 as_json: bool) -> None:
     """`slmb train` in a process torchrun started: join the group and train; rank 0 alone prints. A stopped
@@ -458,8 +481,8 @@ def _train_rank(body: Any, task_id: str, overrides: dict[str, Any], resume: bool
         if sink is not None:
             sink.close()
         dist.close(wait=ended_well)
-    if dist.is_main and result.mlflow.get("mlflow_url") and not as_json:
-        typer.echo(f"MLflow run: {result.mlflow['mlflow_url']}")
+    if dist.is_main and result.mlflow and not as_json:
+        typer.echo(_mlflow_line(result.mlflow))
     if result.state == "stopped":
         if dist.is_main and result.path:
             typer.echo(f"resume with: slmb train --resume {task_id}"
@@ -596,8 +619,8 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
         _fail_run(exc, getattr(sink, "error", None) is not None)
     finally:
         signal.signal(signal.SIGINT, previous)
-    if result.mlflow.get("mlflow_url") and not as_json:
-        typer.echo(f"MLflow run: {result.mlflow['mlflow_url']}")
+    if result.mlflow and not as_json:
+        typer.echo(_mlflow_line(result.mlflow))
     if result.state == "stopped":
         if result.path:
             typer.echo(f"resume with: slmb train --resume {task_id}", err=True)

@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# `slmb serve` in tests starts no MLflow UI (port 5000, seconds of start-up) unless the test asks for one
+# (tests/test_serve_mlflow.py), and no UI named in the developer's shell is taken for the tests' own.
+os.environ["SLMB_SERVE_MLFLOW"] = "0"
+os.environ.pop("SLMB_MLFLOW_UI", None)
 
 
 def shared_dir() -> Path:

@@ -7,6 +7,7 @@ under a minute of CPU beyond the stack's start.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,9 @@ def test_train_response_has_the_old_backends_keys(trained, service):
     assert body["sse_url"] == f"/api/v1/events/{task_id}"
     assert body["sse_url_abs"] == f"{service.api_url}/api/v1/events/{task_id}"
     assert body["stop_url_abs"] == f"{service.api_url}/api/v1/stop-training"
-    assert body["mlflow_url"].startswith("http") and "/runs/" in body["mlflow_url"]
+    # No MLflow UI is named for the stack's sqlite store: no dead link, but the command that opens one (no path).
+    assert body["mlflow_url"] is None and body["mlflow_run_path"] == f"#/experiments/1/runs/{body['mlflow_run_id']}"
+    assert re.fullmatch(r"mlflow ui --backend-store-uri sqlite:///\$[A-Z_]+/mlflow\.db", body["mlflow_ui_command"])
     assert body["experiment_name"] == "slmb" and len(body["structure_id"]) == 16 and body["message"]
     info = body["model_info"]
     assert info["total_parameters"] == info["trainable_parameters"] > 0

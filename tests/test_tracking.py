@@ -13,10 +13,17 @@ REQUEST = {"config": {"epochs": 2, "batch_size": 4, "learning_rate": 1e-3, "rope
 
 def test_default_uri_and_links(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("SLMB_MLFLOW_UI", raising=False)
     assert tracking.tracking_uri() == f"sqlite:///{store.slmb_home() / 'mlflow.db'}"
-    assert tracking.mlflow_run_url("r1", "7") == "http://127.0.0.1:5000/#/experiments/7/runs/r1"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
+    # No UI serves the local store: no link, the command that opens one.
+    assert tracking.mlflow_run_url("r1", "7") is None
+    assert tracking.mlflow_ui_command() == f"mlflow ui --backend-store-uri sqlite:///{store.slmb_home() / 'mlflow.db'}"
+    assert tracking.mlflow_run_path("r1", "7") == "#/experiments/7/runs/r1"
+    monkeypatch.setenv("SLMB_MLFLOW_UI", "http://127.0.0.1:5123/")  # as `slmb serve` sets it
+    assert tracking.mlflow_run_url("r1", "7") == "http://127.0.0.1:5123/#/experiments/7/runs/r1"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")  # a server is its own UI
     assert tracking.mlflow_run_url("r1", "7") == "http://mlflow.example:5000/#/experiments/7/runs/r1"
+    assert tracking.mlflow_ui_command() is None
 
 
 def test_params_are_the_flattened_config_with_defaults():
@@ -78,7 +85,28 @@ def test_mlflow_sink_logs_metrics_params_tags_and_artifacts(monkeypatch):
     assert {"structure.json", "loss_curve.png", "model.safetensors"} <= artifacts
     # Artifacts of the default store live under SLMB_HOME, not in the working directory.
     assert run.info.artifact_uri.startswith((store.slmb_home() / "mlartifacts").as_uri())
-    assert info["mlflow_url"] == tracking.mlflow_run_url(run.info.run_id, run.info.experiment_id)
+    assert "mlflow_url" not in info  # no UI serves this store: the model's metadata keeps no dead link
+
+
+def test_every_step_recorded_by_the_loop_is_a_point_of_the_curve(monkeypatch):
+    """Step events are throttled (twice a second); the loop's record_step gives MLflow every step, once."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sink = tracking.MlflowSink("task-steps", REQUEST, flush_every_s=0.05)
+    emitter = ev.Emitter([sink])
+    for step in range(1, 11):
+        sink.record_step(step, 10.0 - step, 1e-3 * step)
+        if step in (1, 10):  # the events the trainer would have sent
+            emitter.emit(ev.Step(task_id="task-steps", step=step, total_steps=10, epoch=0, loss=10.0 - step,
+                                 lr=1e-3 * step, grad_norm=0.5))
+    emitter.emit(ev.Stopped(task_id="task-steps", step=10))
+    run_id = sink.describe()["mlflow_run_id"]
+    emitter.close()
+    client = tracking.client()
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/step_loss")) == [
+        (s, 10.0 - s) for s in range(1, 11)]
+    assert len(client.get_metric_history(run_id, "train/lr")) == 10
+    assert [m.step for m in client.get_metric_history(run_id, "train/grad_norm")] == [1, 10]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"structure.json", "loss_curve.png"}
 
 
 def test_a_resumed_task_continues_its_mlflow_run(monkeypatch):

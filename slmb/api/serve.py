@@ -2,8 +2,10 @@
 
 Without a Redis URL it starts a private ``redis-server`` on 127.0.0.1 whose data lives in ``$SLMB_HOME/redis``
 (an append-only file), so a restart of Redis or of ``slmb serve`` keeps queued jobs, events and statuses; its URL
-is written to ``$SLMB_HOME/redis/url``. It starts ``workers`` worker processes (``slmb worker``) and runs the API
-with uvicorn in this process.
+is written to ``$SLMB_HOME/redis/url``. It starts ``workers`` worker processes (``slmb worker``), the MLflow UI
+(``mlflow server`` on the tracking store, 127.0.0.1:5000 by default; none with ``--no-mlflow`` or when
+``MLFLOW_TRACKING_URI`` names a server) and runs the API with uvicorn in this process. The UI's address goes into
+``$SLMB_MLFLOW_UI`` for the API and the workers, so the ``mlflow_url`` links point at it.
 
 What it starts it supervises: a child that exits is logged with its exit status or signal and started again
 after a backoff that doubles from ``SLMB_RESTART_BACKOFF_S`` up to ``SLMB_RESTART_BACKOFF_MAX_S`` and starts over
@@ -12,7 +14,8 @@ worker comes back under a new name (RQ refuses a name whose registration has not
 each child's restarts and last exit.
 
 On Ctrl-C or SIGTERM, uvicorn stops serving, the trainings our workers run are asked to stop cooperatively
-(they checkpoint), the workers get a warm shutdown and, after a grace period, SIGKILL; then Redis stops.
+(they checkpoint), the workers get a warm shutdown and, after a grace period, SIGKILL; then the MLflow UI and
+Redis stop.
 The children also die with this process if it is killed outright (``PR_SET_PDEATHSIG``).
 """
 
@@ -80,8 +83,9 @@ def _env_float(name: str, default: float) -> float:
 class Child:
     """One process that ``slmb serve`` keeps running. ``argv(n)`` gives the command of its ``n``-th start."""
 
-    def __init__(self, name: str, argv: Callable[[int], list[str]], on_exit: Callable[[Child], None] | None = None):
-        self.name, self.argv, self.on_exit = name, argv, on_exit
+    def __init__(self, name: str, argv: Callable[[int], list[str]], on_exit: Callable[[Child], None] | None = None,
+                 env: dict[str, str] | None = None):
+        self.name, self.argv, self.on_exit, self.env = name, argv, on_exit, env
         self.proc: subprocess.Popen | None = None
         self.cmd: list[str] = []
         self.restarts = 0
@@ -90,10 +94,11 @@ class Child:
         self.last_exit_at: float | None = None
         self.backoff_s = 0.0
         self.next_start: float | None = None
+        self.gate: threading.Event | None = None  # a child added to start later starts once this is set
 
     def start(self) -> None:
         self.cmd = self.argv(self.restarts)
-        self.proc = _popen(self.cmd, signal.SIGKILL)
+        self.proc = _popen(self.cmd, signal.SIGKILL, env=None if self.env is None else {**os.environ, **self.env})
         self.started_at, self.next_start = time.monotonic(), None
 
     def describe(self) -> dict[str, Any]:
@@ -120,9 +125,13 @@ class Supervisor:
         self._lock = threading.Lock()  # held while a child is checked and restarted
         self._thread = threading.Thread(target=self._run, name="slmb-supervisor", daemon=True)
 
-    def add(self, child: Child) -> Child:
-        child.start()
-        self.children.append(child)
+    def add(self, child: Child, when: threading.Event | None = None) -> Child:
+        """Start ``child`` now, or from the supervisor's thread once ``when`` is set."""
+        if when is None:
+            child.start()
+        child.gate = when
+        with self._lock:
+            self.children.append(child)
         return child
 
     def run_in_background(self) -> None:
@@ -149,6 +158,11 @@ class Supervisor:
 
     def check(self, child: Child) -> None:
         now = time.monotonic()
+        if child.proc is None and child.next_start is None:  # added to start later
+            if child.gate is not None and child.gate.is_set():
+                child.start()
+                log.info("%s started (pid %d)", child.name, child.proc.pid)
+            return
         if child.next_start is None and child.proc is not None and child.proc.poll() is not None:
             ran_s = now - child.started_at
             child.last_exit, child.last_exit_at = describe_exit(child.proc.returncode), time.time()
@@ -310,18 +324,157 @@ def stop_workers(redis_url: str, workers: list[Child], queue: str, grace_s: floa
             proc.wait()
 
 
+# ---------------------------------------------------------------------------------------------------- MLflow UI
+
+MLFLOW_PORT = 5000
+UI_ENV = "SLMB_MLFLOW_UI"  # the UI's address, for the links in responses and in `slmb train`'s output
+MLFLOW_READY_TIMEOUT_S = 300.0  # how long the log waits for the UI to answer before it says it did not
+# MLflow's job runner (GenAI evaluation jobs, a dozen huey processes that outlive the server) is not needed here.
+MLFLOW_CHILD_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_executable() -> str:
+    """The ``mlflow`` command beside this Python (the virtual environment slmb runs in), else on the PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    found = beside if os.access(beside, os.X_OK) else shutil.which("mlflow")
+    if found is None:
+        raise RuntimeError("the mlflow command is not installed beside this Python; install mlflow, or start "
+                           "slmb serve with --no-mlflow")
+    return found
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be listened on (as uvicorn binds: TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _reachable_host(host: str) -> str:
+    """How a client reaches a server listening on ``host``: for every interface, the host of $SLMB_PUBLIC_URL, else
+    this machine's loopback."""
+    if host in ("0.0.0.0", "::", ""):
+        from urllib.parse import urlsplit
+
+        host = urlsplit(os.environ.get("SLMB_PUBLIC_URL") or "").hostname or "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def mlflow_server_argv(host: str, port: int) -> list[str]:
+    """``mlflow server`` on the tracking store. Artifacts: slmb's experiment keeps them in the local
+    ``$SLMB_HOME/mlartifacts`` (a ``file:`` location), which the server reads and serves to its UI itself; an
+    experiment made in the UI gets ``mlflow-artifacts:``, proxied to the same folder (``--serve-artifacts``)."""
+    from slmb.core.store import slmb_home
+    from slmb.core.tracking import tracking_uri
+
+    return [mlflow_executable(), "server", "--backend-store-uri", tracking_uri(), "--host", host,
+            "--port", str(port), "--workers", "1", "--uvicorn-opts", "--no-access-log",
+            "--serve-artifacts", "--artifacts-destination", (slmb_home() / "mlartifacts").as_uri()]
+
+
+def _kill_group(child: Child) -> None:
+    """``mlflow server`` runs its web server as a child of its own, in the session ``serve`` gave it: when the
+    mlflow command is killed, that server would linger and keep the port. End what is left of the group."""
+    if child.proc is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, signal.SIGKILL)
+
+
+def _announce_ui(url: str, probe: str, child: Child, timeout_s: float) -> None:
+    """Log the UI's address once it answers (``mlflow server`` takes seconds to start; the API does not wait)."""
+    from slmb.core.tracking import ui_answers
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ui_answers(probe, 1.0):
+            log.info("MLflow UI on %s", url)
+            return
+        time.sleep(0.5)
+    log.warning("the MLflow UI did not answer on %s within %g s (%s); GET /healthz shows its process", probe,
+                timeout_s, child.last_exit or "still starting")
+
+
+def _open_store(done: threading.Event) -> None:
+    from slmb.core import tracking
+
+    try:
+        tracking.client()
+    except Exception as exc:  # the UI starts all the same, and says what is wrong with the store
+        log.warning("could not open the MLflow store %s: %s: %s", tracking.tracking_uri(), type(exc).__name__, exc)
+    finally:
+        done.set()
+
+
+class MlflowUI:
+    """What ``slmb serve`` does about the MLflow UI, decided before anything starts (so a taken port fails at once):
+    ``url`` is where the links point (None: none), ``argv`` the server to start (None: none)."""
+
+    def __init__(self, enabled: bool, host: str, port: int):
+        from slmb.core import tracking
+
+        self.host, self.port, self.url, self.argv = host, port, None, None
+        uri = tracking.tracking_uri()
+        if uri.startswith(("http://", "https://")):  # a tracking server is its own UI: the links point there
+            self.url = tracking.mlflow_ui_base()
+            return
+        if not enabled:
+            self.url = tracking.mlflow_ui_base()  # $SLMB_MLFLOW_UI if set (a UI run elsewhere), else none
+            return
+        if _port_taken(host, port):
+            raise RuntimeError(f"port {port} on {host} for the MLflow UI is taken (another mlflow ui or slmb serve?): "
+                               "give it another with --mlflow-port N, or start none with --no-mlflow")
+        self.argv = mlflow_server_argv(host, port)
+        # The UI's own address unless the user named one (a proxy in front of it, say).
+        self.url = (os.environ.get(UI_ENV) or f"http://{_reachable_host(host)}:{port}").rstrip("/")
+
+    @contextlib.contextmanager
+    def run(self, supervisor: Supervisor, ready_timeout_s: float = MLFLOW_READY_TIMEOUT_S) -> Iterator[str | None]:
+        """Start the supervised UI (if any) and put its address in $SLMB_MLFLOW_UI for this process and the workers
+        it starts; yields the address the links use."""
+        if self.argv is None:
+            log.info("MLflow UI: %s", self.url or "none (slmb serve --no-mlflow); responses carry no MLflow link")
+            yield self.url
+            return
+        os.environ[UI_ENV] = self.url
+        argv, store_open = self.argv, threading.Event()
+        # MLflow does not lock the making of a new sqlite store's tables: the UI starts once this process has made
+        # them (or failed to), from the supervisor's thread; the API does not wait for either.
+        threading.Thread(target=_open_store, args=(store_open,), name="slmb-mlflow-store", daemon=True).start()
+        child = supervisor.add(Child("mlflow", lambda _: argv, on_exit=_kill_group, env=MLFLOW_CHILD_ENV),
+                               when=store_open)
+        local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        probe = f"http://{f'[{local}]' if ':' in local else local}:{self.port}"
+        threading.Thread(target=_announce_ui, args=(self.url, probe, child, ready_timeout_s), name="slmb-mlflow-ui",
+                         daemon=True).start()
+        try:
+            yield self.url
+        finally:
+            supervisor.stop()
+            if child.proc is not None:
+                _stop(child.proc, 10.0)  # SIGTERM: mlflow passes it on to its web server
+                _kill_group(child)
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = None, workers: int = 1,
-          log_level: str = "info", nproc_per_node: int | None = None) -> None:
+          log_level: str = "info", nproc_per_node: int | None = None, mlflow: bool = True,
+          mlflow_port: int = MLFLOW_PORT, mlflow_host: str = "127.0.0.1") -> None:
     """Run the stack (see the module docstring). ``nproc_per_node``: each worker trains every run on that many
-    processes (``slmb worker --nproc-per-node``), and the API admits runs by it."""
+    processes (``slmb worker --nproc-per-node``), and the API admits runs by it. ``mlflow``: start the MLflow UI
+    on ``mlflow_host:mlflow_port`` (not when ``MLFLOW_TRACKING_URI`` names a server, which is its own UI)."""
     import uvicorn
 
     from slmb.api.app import Settings, create_app
 
+    ui = MlflowUI(mlflow, mlflow_host, mlflow_port)  # a taken port fails here, before anything starts
     supervisor = Supervisor()
     with contextlib.ExitStack() as stack:
         if redis_url is None:
             redis_url = stack.enter_context(private_redis(supervisor))
+        ui_url = stack.enter_context(ui.run(supervisor))  # before the workers: they inherit $SLMB_MLFLOW_UI
         # Every process of the stack (and `slmb train --queue` run from this shell's children) finds Redis here.
         os.environ["SLMB_REDIS_URL"] = redis_url
         if nproc_per_node is not None:
@@ -335,8 +488,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
         stack.callback(stop_workers, redis_url, children, settings.queue)
         stack.callback(supervisor.stop)
         supervisor.run_in_background()
-        log.info("API on http://%s:%d, %d worker(s)%s, Redis %s", host, port, workers,
-                 f" of {nproc_per_node} process(es) each" if nproc_per_node else "", redis_url)
+        log.info("API on http://%s:%d, %d worker(s)%s, Redis %s, MLflow UI %s", host, port, workers,
+                 f" of {nproc_per_node} process(es) each" if nproc_per_node else "", redis_url,
+                 ui_url if ui.argv is None else f"starting on {ui_url}")
         app = create_app(settings)
         app.state.supervisor = supervisor
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))

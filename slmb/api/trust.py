@@ -115,7 +115,8 @@ def _compile(*key: str | None) -> tuple[re.Pattern[str], dict[str, str]]:
                                                            (tokenizer_dir, "$SLMB_TOKENIZER_DIR")) if d]
     store = urlsplit(tracking or "")
     if store.scheme in ("", "sqlite", "file") and store.path.startswith("/"):  # tracking errors name their store
-        named.append((Path(store.path).parent, "$MLFLOW_STORE"))
+        # sqlite:////abs/path parses to the path //abs/path: one leading slash, or the placeholder would eat one.
+        named.append((Path("/" + store.path.lstrip("/")).parent, "$MLFLOW_STORE"))
     # Both spellings of a root reached through a link; the deepest first, so nested roots (a home inside a temp
     # dir inside the user's home) take the most specific name; a root matches only whole path parts.
     names: dict[str, str] = {}

@@ -1,10 +1,11 @@
 """MLflow tracking as an event sink (DESIGN.md §4).
 
 The default store is ``sqlite:///$SLMB_HOME/mlflow.db`` with artifacts beside it, so nothing needs a
-server and ``mlflow ui --backend-store-uri sqlite:///...`` shows the runs; ``MLFLOW_TRACKING_URI`` points
-elsewhere. MLflow is slow to import and a remote server may be slow or down, so :class:`MlflowSink` does all
-its work on a background thread: training never waits for tracking except to close the run at the end, and
-any tracking failure reaches the :class:`~slmb.core.events.Emitter` as one exception, i.e. one ``warning``.
+server and ``mlflow ui --backend-store-uri sqlite:///...`` shows the runs (``slmb serve`` runs that UI itself and
+names it in ``$SLMB_MLFLOW_UI``); ``MLFLOW_TRACKING_URI`` points elsewhere. MLflow is slow to import and a remote
+server may be slow or down, so :class:`MlflowSink` does all its work on a background thread: training never waits
+for tracking except to close the run at the end, and any tracking failure reaches the
+:class:`~slmb.core.events.Emitter` as one exception, i.e. one ``warning``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from slmb.core import events as ev
 from slmb.core.spec import MODEL_NAME_RE, Config
@@ -57,16 +58,46 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "slmb"
 
 
-def mlflow_ui_base() -> str:
-    """Where the MLflow UI for :func:`tracking_uri` is served: the server itself, or ``mlflow ui``'s default."""
+def mlflow_ui_base() -> str | None:
+    """Where an MLflow UI for :func:`tracking_uri` is served: the tracking server itself, or ``$SLMB_MLFLOW_UI``
+    (``slmb serve`` sets it to the UI it runs); None when nothing serves one (a local store: see
+    :func:`mlflow_ui_command`)."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         return uri.rstrip("/")
-    return (os.environ.get("SLMB_MLFLOW_UI") or "http://127.0.0.1:5000").rstrip("/")
+    return (os.environ.get("SLMB_MLFLOW_UI") or "").rstrip("/") or None
 
 
-def mlflow_run_url(run_id: str, experiment_id: str) -> str:
-    return f"{mlflow_ui_base()}/#/experiments/{experiment_id}/runs/{run_id}"
+def mlflow_run_path(run_id: str, experiment_id: str) -> str:
+    """The run's place in any MLflow UI on its store: what follows the UI's address."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def mlflow_run_url(run_id: str, experiment_id: str) -> str | None:
+    """The run's page in the UI of :func:`mlflow_ui_base`; None when no UI serves the store."""
+    base = mlflow_ui_base()
+    return f"{base}/{mlflow_run_path(run_id, experiment_id)}" if base else None
+
+
+def mlflow_ui_command() -> str | None:
+    """The command that opens a UI on a local store (``mlflow ui --backend-store-uri sqlite:///...``, which serves
+    http://127.0.0.1:5000); None for a tracking server, which is its own UI."""
+    import shlex
+
+    uri = tracking_uri()
+    return None if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
+def ui_answers(base: str, timeout_s: float = 2.0) -> bool:
+    """Whether an MLflow server answers at ``base`` (its ``/health``)."""
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+    try:
+        with opener.open(f"{base.rstrip('/')}/health", timeout=timeout_s) as resp:
+            return resp.status == 200
+    except (OSError, ValueError):
+        return False
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -102,7 +133,19 @@ def client() -> Any:
     # logger's level when imported, so this comes after the import.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    return MlflowClient(uri)
+    mlflow_client = MlflowClient(uri)
+    if uri.startswith("sqlite:") and uri not in _opened:
+        # A new sqlite store gets its tables on first use, and MLflow does not lock that: two threads of one
+        # process (the API's warm-up and `slmb serve` opening the store before its MLflow UI starts) take turns.
+        with _opened_lock:
+            if uri not in _opened:
+                mlflow_client.search_experiments(max_results=1)
+                _opened.add(uri)
+    return mlflow_client
+
+
+_opened: set[str] = set()  # the sqlite stores this process has opened (their tables exist)
+_opened_lock = threading.Lock()
 
 
 def _experiment_id(mlflow_client: Any) -> str:
@@ -148,14 +191,23 @@ def start_run(task_id: str, request: Mapping[str, Any], mlflow_client: Any = Non
 _CLOSE = object()
 
 
+class _StepPoint(NamedTuple):
+    step: int
+    loss: float
+    lr: float
+    ts: float
+
+
 class MlflowSink:
     """Logs a training run to MLflow from a background thread.
 
-    Metrics: ``train/step_loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_sec``, ``train/mfu``
-    (step events), ``train/step_loss_ema`` (progress), ``train/epoch_loss`` (epoch), ``eval/train_loss`` and
-    ``eval/val_loss`` (eval), batched every few seconds. On the terminal event it logs the request
-    structure, the loss curve and (when finished) the weights, sets the ``training_status`` tag and ends the
-    run; the trainer waits for that, so the run is complete when training returns.
+    Metrics: ``train/step_loss`` and ``train/lr`` (every step, through :meth:`record_step`; else from step
+    events), ``train/grad_norm``, ``train/tokens_per_sec``, ``train/mfu`` (step events), ``train/step_loss_ema``
+    (progress), ``train/epoch_loss`` (epoch), ``eval/train_loss`` and ``eval/val_loss`` (eval), batched every
+    few seconds. Artifacts: the request (the canvas JSON) as ``structure.json`` when the run starts; on the
+    terminal event that again, the loss curve (``loss_curve.png``) and, when finished, the model
+    (``model.safetensors`` and ``metadata.json``: see :func:`fetch_model`). Then it sets the ``training_status``
+    tag and ends the run; the trainer waits for that, so the run is complete when training returns.
     """
 
     def __init__(self, task_id: str, request: Mapping[str, Any], *, run_id: str | None = None,
@@ -168,6 +220,7 @@ class MlflowSink:
         self._error: BaseException | None = None
         self._raised = False
         self._metrics: list[Any] = []
+        self._per_step = False  # the loop records every step's loss and lr (record_step): step events skip them
         self._curve: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
         self._thread = threading.Thread(target=self._work, name=f"mlflow-{task_id}", daemon=True)
         self._thread.start()
@@ -181,6 +234,13 @@ class MlflowSink:
             self._wait_drained()
             self._raise_error()
 
+    def record_step(self, step: int, loss: float, lr: float) -> None:
+        """Every step's loss and learning rate, from the training loop (``step`` events come at most twice a second):
+        MLflow's curves get every point. Never raises; dropped once tracking has failed."""
+        if self._error is None and self._thread.is_alive():
+            self._per_step = True
+            self._queue.put(_StepPoint(step, loss, lr, time.time()))
+
     def close(self) -> None:
         self._queue.put(_CLOSE)
         self._thread.join(self.close_timeout_s)
@@ -191,8 +251,9 @@ class MlflowSink:
         self._ready.wait(self.close_timeout_s)
         if self.run_id is None or self.experiment_id is None:
             return {}
+        url = mlflow_run_url(self.run_id, self.experiment_id)
         return {"mlflow_run_id": self.run_id, "mlflow_experiment_id": self.experiment_id,
-                "mlflow_url": mlflow_run_url(self.run_id, self.experiment_id), "mlflow_tracking_uri": tracking_uri()}
+                **({"mlflow_url": url} if url else {}), "mlflow_tracking_uri": tracking_uri()}
 
     def _raise_error(self) -> None:
         if self._error is not None and not self._raised:
@@ -221,6 +282,11 @@ class MlflowSink:
             self._error = exc
         finally:
             self._ready.set()
+        if self._error is None:
+            try:  # the canvas JSON is in the run while it trains; if this fails, the end of the run tries again
+                self._log_request()
+            except Exception as exc:
+                logging.getLogger("slmb.tracking").debug("structure.json not logged yet: %s", exc)
         last_flush = time.monotonic()
         while True:
             try:
@@ -249,7 +315,7 @@ class MlflowSink:
             except Exception as exc:
                 self._error = exc
 
-    def _metric(self, key: str, value: float | None, event: ev.Event, step: int) -> None:
+    def _metric(self, key: str, value: float | None, event: ev.Event | _StepPoint, step: int) -> None:
         if value is not None:
             from mlflow.entities import Metric
 
@@ -260,20 +326,25 @@ class MlflowSink:
         for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
 
-    def _handle(self, event: ev.Event) -> None:
-        if isinstance(event, ev.Started):
+    def _handle(self, event: ev.Event | _StepPoint) -> None:
+        if isinstance(event, _StepPoint):
+            self._metric("train/step_loss", event.loss, event, event.step)
+            self._metric("train/lr", event.lr, event, event.step)
+            self._curve["train"].append((event.step, event.loss))
+        elif isinstance(event, ev.Started):
             # A default the trainer resolves from the run's length (the request's params lack it). Logged once: a
             # resumed session has it from the first, and MLflow refuses to change a logged param.
             if event.warmup_steps is not None and not event.resumed_from_step and "warmup_steps" not in (
                     self.request.get("config") or {}):
                 self._client.log_param(self.run_id, "warmup_steps", str(event.warmup_steps))
         elif isinstance(event, ev.Step):
-            self._metric("train/step_loss", event.loss, event, event.step)
-            self._metric("train/lr", event.lr, event, event.step)
+            if not self._per_step:
+                self._metric("train/step_loss", event.loss, event, event.step)
+                self._metric("train/lr", event.lr, event, event.step)
+                self._curve["train"].append((event.step, event.loss))
             self._metric("train/grad_norm", event.grad_norm, event, event.step)
             self._metric("train/tokens_per_sec", event.tokens_per_sec, event, event.step)
             self._metric("train/mfu", event.mfu, event, event.step)
-            self._curve["train"].append((event.step, event.loss))
         elif isinstance(event, ev.Progress):
             self._metric("train/step_loss_ema", event.loss_ema, event, event.step)
         elif isinstance(event, ev.Epoch):
@@ -288,13 +359,18 @@ class MlflowSink:
         elif event.terminal:
             self._finish(event)
 
+    def _log_request(self) -> None:
+        """The request (the canvas JSON) as the artifact ``structure.json``."""
+        with tempfile.TemporaryDirectory(prefix="slmb-mlflow-") as tmp:
+            structure = Path(tmp) / STRUCTURE
+            structure.write_text(json.dumps(self.request, indent=2))
+            self._client.log_artifact(self.run_id, str(structure))
+
     def _finish(self, event: ev.Event) -> None:
         self._flush()
         state = event.name
+        self._log_request()  # again: the one logged at the start may have failed, or be a resumed run's
         with tempfile.TemporaryDirectory(prefix="slmb-mlflow-") as tmp:
-            structure = Path(tmp) / "structure.json"
-            structure.write_text(json.dumps(self.request, indent=2))
-            self._client.log_artifact(self.run_id, str(structure))
             if self._curve["train"] or self._curve["val"]:
                 curve = Path(tmp) / "loss_curve.png"
                 plot_loss_curve(self._curve, curve)

@@ -671,6 +671,8 @@ class _Loop:
             st.loss_ema = loss_val if st.loss_ema is None else EMA * st.loss_ema + (1 - EMA) * loss_val
             st.epoch_loss_sum += loss_val
             st.epoch_loss_steps += 1
+            if self.mlflow_sink is not None:  # every step's point on MLflow's curves (events are throttled)
+                self.mlflow_sink.record_step(st.step, loss_val, lr)
             tokens_since_emit += B * T * accum
             busy_since_emit += time.monotonic() - t_step
 

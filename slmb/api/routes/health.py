@@ -1,5 +1,5 @@
-"""``GET /healthz``: is Redis up, is any worker listening, is MLflow reachable; under ``slmb serve``, the
-processes it supervises (restarts, last exit)."""
+"""``GET /healthz``: is Redis up, is any worker listening, is MLflow reachable (and its UI, where one is named);
+under ``slmb serve``, the processes it supervises (restarts, last exit): redis, worker-N, mlflow."""
 
 from __future__ import annotations
 
@@ -45,8 +45,13 @@ def _mlflow() -> dict[str, Any]:
 
     tracking.client().search_experiments(max_results=1)
     # The store's kind, not its URI: a sqlite or file URI is a path on this machine (and this route is open).
-    return {"ok": True, "tracking": store_kind(tracking.tracking_uri()),
-            "ui": public_url(tracking.mlflow_ui_base())}
+    out: dict[str, Any] = {"ok": True, "tracking": store_kind(tracking.tracking_uri())}
+    base = tracking.mlflow_ui_base()
+    if base:  # the UI the links point at, and whether it answers now (`slmb serve`'s takes seconds to start)
+        out.update(ui=public_url(base), ui_answers=tracking.ui_answers(base, 2.0))
+    else:  # no UI: the command that opens one (redacted with the rest of the body)
+        out.update(ui=None, ui_command=tracking.mlflow_ui_command())
+    return out
 
 
 async def _check(fn, *args: Any) -> dict[str, Any]:

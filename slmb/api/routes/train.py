@@ -38,23 +38,36 @@ def structure_id(request: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _mlflow_run(task_id: str, request: dict[str, Any]) -> str:
+def _mlflow_run(task_id: str, request: dict[str, Any]) -> tuple[str, str]:
     """Create the task's MLflow run now, so the response can link to it; the trainer finds it by task id."""
     from slmb.core import tracking
 
-    experiment_id, run_id = tracking.start_run(task_id, request)
-    return tracking.mlflow_run_url(run_id, experiment_id)
+    return tracking.start_run(task_id, request)
 
 
-async def mlflow_url(task_id: str, request: dict[str, Any]) -> str:
-    """The run's MLflow page; if MLflow is slow or down, the experiment list (training does not wait for it)."""
+async def mlflow_links(task_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The run's MLflow page as ``mlflow_url`` (``mlflow_run_id`` beside it); if MLflow is slow or down, the
+    experiment list (training does not wait for it). With no UI on the store (``slmb serve --no-mlflow``, or the
+    API alone, without $SLMB_MLFLOW_UI) no dead link: ``mlflow_url`` is null, ``mlflow_ui_command`` the command that
+    opens one (``mlflow ui --backend-store-uri sqlite:///$SLMB_HOME/mlflow.db``, paths as placeholders) and
+    ``mlflow_run_path`` the run's place in it."""
+    from slmb.api.trust import redact
     from slmb.core import tracking
 
+    base = tracking.mlflow_ui_base()
     try:
-        return await asyncio.wait_for(run_in_threadpool(_mlflow_run, task_id, request), MLFLOW_TIMEOUT_S)
+        experiment_id, run_id = await asyncio.wait_for(run_in_threadpool(_mlflow_run, task_id, request),
+                                                       MLFLOW_TIMEOUT_S)
     except Exception as exc:
         log.warning("task %s: no MLflow run yet (%s: %s)", task_id, type(exc).__name__, exc)
-        return f"{tracking.mlflow_ui_base()}/#/experiments"
+        experiment_id = run_id = None
+    links: dict[str, Any] = {"mlflow_url": None, "mlflow_run_id": run_id}
+    path = tracking.mlflow_run_path(run_id, experiment_id) if run_id else "#/experiments"
+    if base:
+        links["mlflow_url"] = f"{base}/{path}"
+    else:
+        links.update(mlflow_ui_command=redact(tracking.mlflow_ui_command()), mlflow_run_path=path)
+    return links
 
 
 def _close_mlflow_run(task_id: str) -> None:
@@ -128,7 +141,7 @@ async def train_complete_model(request: Request) -> Any:
     if not spec.model_name:  # every run needs a name: it names the completed model's files
         body["modelName"] = f"model-{task_id[:8]}"
     model_name = body.get("modelName") or body.get("model_name")
-    url = await mlflow_url(task_id, body)
+    links = await mlflow_links(task_id, body)
     try:
         workers_alive = await run_in_threadpool(_submit, request.app, body, task_id)
     except Exception:
@@ -138,7 +151,7 @@ async def train_complete_model(request: Request) -> Any:
     sse_url = f"{API_PREFIX}/events/{task_id}"
     return {
         "status": "success", "task_id": task_id, "sse_url": sse_url, "sse_url_abs": base + sse_url,
-        "stop_url_abs": f"{base}{API_PREFIX}/stop-training", "mlflow_url": url,
+        "stop_url_abs": f"{base}{API_PREFIX}/stop-training", **links,
         "message": f"training of {model_name} queued as task {task_id}",
         "model_name": model_name, "experiment_name": tracking.experiment_name(),
         "structure_id": structure_id(body),
