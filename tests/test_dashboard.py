@@ -119,8 +119,10 @@ def test_submit_a_run_watch_the_curve_grow_and_stop_it(service, page, artifacts)
     assert task_id and len(task_id) >= 8
     expect(page.locator("#run-title")).to_have_text("dash-live")
     expect(page.locator("#run-state")).to_have_text("running")
-    warning = page.locator('#run-warnings-list li[data-pointer="/config/emb_dim"]')
-    expect(warning).to_contain_text("config.emb_dim = 48")
+    # The config key that disagrees with the nodes: in the submit response, and in the started event.
+    for origin in ("submitted", "started"):
+        warning = page.locator(f'#run-warnings-list li[data-pointer="/config/emb_dim"][data-origin="{origin}"]')
+        expect(warning).to_contain_text("config.emb_dim = 48 but /model/0 uses 32")
     train = "#chart-loss path.series-train"
     first = wait_count(page, train, 1)
     # More points arrive while the run trains: the curve grows from the live stream alone.
@@ -150,7 +152,7 @@ def test_submit_a_run_watch_the_curve_grow_and_stop_it(service, page, artifacts)
 
 
 @needs_chromium
-def test_a_bad_request_shows_each_error_with_its_json_pointer(service, page, artifacts):
+def test_a_bad_request_shows_each_error_with_its_json_pointer(service, page, artifacts, tmp_path):
     from playwright.sync_api import expect
 
     page.goto(f"{service.api_url}/#submit")
@@ -171,6 +173,14 @@ def test_a_bad_request_shows_each_error_with_its_json_pointer(service, page, art
         "/config/learning_rate")
     expect(page.locator("#submit-result")).to_be_hidden()
     shot(page, artifacts, "validation-errors")
+
+    # So does a file.
+    upload = tmp_path / "bad.json"
+    upload.write_text(json.dumps(body))
+    page.set_input_files("#request-file", str(upload))
+    expect(page.locator("#submit-status")).to_have_text("loaded bad.json")
+    assert json.loads(page.input_value("#request-json")) == body
+    expect(page.locator("#submit-errors-box")).to_be_hidden()
 
     # An example fills the form.
     page.select_option("#example-select", "gpt2")

@@ -130,7 +130,13 @@ async function api(path, options = {}) {
     opts.body = JSON.stringify(opts.json);
     delete opts.json;
   }
+  const sent = token();
   const resp = await fetch(API + path, opts);
+  if (sent !== token()) {
+    // The token changed while this request was out: its answer says nothing about the new one.
+    if (resp.status === 401) throw new AuthError("token changed");
+    return resp;
+  }
   if (resp.status === 401) {
     showAuthProblem();
     throw new AuthError("token needed or wrong");
@@ -486,7 +492,7 @@ function renderRun() {
   const stats = clear($("run-stats"));
   stats.append(
     stat("step", "Step", run.step === null ? "–" : fmt(run.step), run.total ? `of ${fmt(run.total)}` +
-      (run.epochs && run.epoch !== null ? ` · epoch ${fmt(run.epoch)}/${fmt(run.epochs)}` : "") : null),
+      (run.epochs && run.epoch !== null ? ` · epoch ${fmt(run.epoch + 1)}/${fmt(run.epochs)}` : "") : null),
     stat("loss", "Train loss", fmt(run.last.loss), run.last.ema !== undefined ? `EMA ${fmt(run.last.ema)}` : null),
     stat("val", "Validation loss", fmt(run.last.val), run.bestVal !== null && run.bestVal !== undefined
       ? `best ${fmt(run.bestVal)}` : null),
@@ -574,8 +580,10 @@ function lineChart(container, series, opts = {}) {
     container.append(legend(series));
     return;
   }
-  let xmin = Math.min(...all.map((p) => p[0])), xmax = Math.max(...all.map((p) => p[0]));
-  let ymin = Math.min(...all.map((p) => p[1])), ymax = Math.max(...all.map((p) => p[1]));
+  let xmin = Infinity, xmax = -Infinity, ymin = Infinity, ymax = -Infinity;
+  for (const [x, y] of all) {
+    xmin = Math.min(xmin, x); xmax = Math.max(xmax, x); ymin = Math.min(ymin, y); ymax = Math.max(ymax, y);
+  }
   if (opts.zero) ymin = Math.min(0, ymin);
   if (xmax === xmin) xmax = xmin + 1;
   if (ymax === ymin) { ymax += Math.abs(ymax) * 0.05 || 1; ymin -= opts.zero ? 0 : Math.abs(ymin) * 0.05 || 1; }
@@ -724,7 +732,8 @@ function issueItem(issue, origin) {
   if (issue.found !== undefined && issue.found !== null) {
     extra.push(`found ${typeof issue.found === "string" ? issue.found : JSON.stringify(issue.found)}`);
   }
-  return h("li", {class: `issue ${issue.severity || "error"}`, "data-pointer": issue.path === undefined ? "" : issue.path},
+  return h("li", {class: `issue ${issue.severity || "error"}`, "data-pointer": issue.path === undefined ? "" : issue.path,
+    "data-origin": origin || null},
     issue.path !== undefined ? h("code", {class: "pointer"}, pointer(issue.path)) : null,
     origin ? h("span", {class: "origin muted small"}, origin) : null,
     h("span", {class: "issue-message"}, issue.message || ""),
