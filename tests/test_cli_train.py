@@ -219,5 +219,10 @@ def test_slmb_list_tells_the_truth_about_the_service_tasks_queued_from_this_home
     # `slmb events` reads a service task's events from the Redis its run dir names, or says where they are.
     events = [json.loads(line)["event"] for line in slmb("events", finished, env=env).stdout.splitlines()]
     assert events[0] == "queued" and events[-1] == "finished" and "step" in events
+    # ...and `slmb runs show` / `slmb events --plot` draw it from there.
+    shown = slmb("runs", "show", finished, env=env)
+    assert shown.returncode == 0 and "finished" in shown.stdout and "listed-finished" in shown.stdout, shown.stderr
+    assert "train loss (per step; lowest" in shown.stdout
+    assert "train loss (per step; lowest" in slmb("events", finished, "--plot", env=env).stdout
     refused = slmb("events", orphan, env=env)
     assert refused.returncode == 1 and "ran on the HTTP service; its events are in its Redis" in refused.stderr
