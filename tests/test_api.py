@@ -130,12 +130,17 @@ def test_the_finished_model_is_listed_and_generates(trained, service):
 def test_generation_bounds_and_unknown_models(trained, service):
     with service.client() as client:
         too_long = client.post("/api/v1/generate-text", json={"model_name": "tiny-api", "max_length": 257})
-        assert too_long.status_code == 422 and "256" in too_long.json()["detail"]
+        assert too_long.status_code == 422
+        assert too_long.json()["detail"] == "/max_length: max_length is 257; the service allows at most 256"
         big_prompt = client.post("/api/v1/generate-text", json={"model_name": "tiny-api", "input_text": "x" * 30_000})
         assert big_prompt.status_code == 413
         assert client.post("/api/v1/generate-text", json={"model_name": "nope"}).status_code == 404
         bad = client.post("/api/v1/generate-text", json={"model_name": "tiny-api", "temperature": -1})
         assert bad.status_code == 422
+        assert bad.json()["detail"] == "/temperature: Input should be greater than or equal to 0"
+        assert [e["path"] for e in bad.json()["errors"]] == ["/temperature"]
+        long_stop = client.post("/api/v1/generate-text", json={"model_name": "tiny-api", "stop": ["ok", "x" * 201]})
+        assert long_stop.json()["detail"] == "/stop/1: stop strings are 200 characters at most, this one has 201"
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "..", ".hidden", "a/b", "a\\b", "x" * 65, ""])

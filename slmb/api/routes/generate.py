@@ -62,14 +62,16 @@ class GenerateBody(BaseModel):
 
 def _params(body: GenerateBody, request: Request) -> SamplingParams:
     settings = request.app.state.settings
+    # 422 details lead with the JSON pointer, as validation's do: the canvas shows only `detail`.
     if body.max_length > settings.max_new_tokens:
-        raise HTTPException(422, f"max_length is {body.max_length}; the service allows at most "
+        raise HTTPException(422, f"/max_length: max_length is {body.max_length}; the service allows at most "
                                  f"{settings.max_new_tokens}")
     if len(body.input_text) > settings.max_input_chars:
         raise HTTPException(413, f"input_text has {len(body.input_text)} characters; the service allows at most "
                                  f"{settings.max_input_chars}")
-    if any(len(s) > 200 for s in body.stop):
-        raise HTTPException(422, "stop strings are 200 characters at most")
+    for i, stop in enumerate(body.stop):
+        if len(stop) > 200:
+            raise HTTPException(422, f"/stop/{i}: stop strings are 200 characters at most, this one has {len(stop)}")
     try:
         return SamplingParams(max_new_tokens=body.max_length, temperature=body.temperature, top_k=body.top_k,
                               top_p=body.top_p if body.top_p is not None and body.top_p < 1 else None,
