@@ -173,6 +173,8 @@ def test_a_bad_request_shows_each_error_with_its_json_pointer(service, page, art
         "/config/learning_rate")
     expect(page.locator("#submit-result")).to_be_hidden()
     shot(page, artifacts, "validation-errors")
+    page.click("#format-button")
+    assert page.input_value("#request-json") == json.dumps(body, indent=2)
 
     # So does a file.
     upload = tmp_path / "bad.json"

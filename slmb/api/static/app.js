@@ -756,7 +756,7 @@ async function submitRequest() {
   try {
     body = JSON.parse($("request-json").value);
   } catch (e) {
-    showSubmitErrors("The text is not valid JSON", [{path: "", message: e.message}]);
+    showSubmitErrors("The text is not valid JSON", [{message: e.message}]);
     return;
   }
   const button = $("submit-button");
@@ -1028,6 +1028,14 @@ function init() {
   });
   $("stop-button").addEventListener("click", stopRun);
   $("submit-button").addEventListener("click", submitRequest);
+  $("format-button").addEventListener("click", () => {
+    resetSubmit();
+    try {
+      $("request-json").value = JSON.stringify(JSON.parse($("request-json").value), null, 2);
+    } catch (e) {
+      showSubmitErrors("The text is not valid JSON", [{message: e.message}]);
+    }
+  });
   $("request-file").addEventListener("change", (e) => {
     if (e.target.files && e.target.files[0]) loadFile(e.target.files[0]);
     e.target.value = "";
