@@ -19,7 +19,7 @@ import pytest
 
 pytest.register_assert_rewrite("service_fixtures")
 from conftest import REPO  # noqa: E402
-from service_fixtures import read_sse, serve_in_thread, submit_and_wait, tiny_request  # noqa: E402
+from service_fixtures import read_sse, serve_in_thread, submit_and_wait, tiny_request, wait_until  # noqa: E402
 
 from slmb.api.app import Settings, create_app  # noqa: E402
 
@@ -147,8 +147,10 @@ def test_submit_a_run_watch_the_curve_grow_and_stop_it(service, page, artifacts)
     expect(page.locator(f'#runs-list li[data-task-id="{task_id}"]')).to_have_attribute("data-state", "stopped")
     shot(page, artifacts, "run-stopped")
     with service.client() as client:
-        runs = {r["task_id"]: r for r in client.get("/api/v1/runs").json()["runs"]}
-    assert runs[task_id]["state"] == "stopped"
+        def server_state() -> str:
+            return {r["task_id"]: r for r in client.get("/api/v1/runs").json()["runs"]}[task_id]["state"]
+
+        wait_until(lambda: server_state() == "stopped", 60, "the server to list the run as stopped")
 
 
 @needs_chromium
