@@ -147,8 +147,8 @@ class Serve:
             self.env.pop(key, None)
         log = open(self.tmp / "serve.log", "ab")  # noqa: SIM115 - the child writes to it until it ends
         self.proc = subprocess.Popen([sys.executable, "-m", "slmb", "serve", "--port", str(self.port), "--workers",
-                                      "1", "--log-level", "warning"], env=self.env, cwd=self.tmp, stdout=log,
-                                     stderr=subprocess.STDOUT)
+                                      "1", "--log-level", "warning", "--no-mlflow"], env=self.env, cwd=self.tmp,
+                                     stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.wait_healthy(120)
 

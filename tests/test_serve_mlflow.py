@@ -230,3 +230,19 @@ def test_cli_train_without_a_ui_prints_the_command_that_opens_one(tmp_path, monk
     line = next(line for line in result.output.splitlines() if line.startswith("MLflow run"))
     assert f"mlflow ui --backend-store-uri sqlite:///{slmb_home() / 'mlflow.db'}" in line, line
     assert "#/experiments/1/runs/" in line and "http" not in line, line
+
+
+def test_a_ui_left_by_a_killed_serve_is_ended_by_the_next(tmp_path):
+    """SIGKILL takes `slmb serve` and its `mlflow` command down, but not MLflow's web server (a grandchild): the
+    next `slmb serve` on that SLMB_HOME ends it rather than fail on its port."""
+    home, port = tmp_path / "home", free_port()
+    with serve(home, "--mlflow-port", str(port), workers=0) as first:
+        wait_until(lambda: ui_answers(first), START_S, f"the MLflow UI\n{first.log_tail()}", interval=0.5)
+        first.proc.kill()
+        first.proc.wait()
+    leftover = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+    assert leftover.status_code == 200  # the orphan still holds the port
+    with serve(home, "--mlflow-port", str(port), "--log-level", "debug", workers=0) as second:
+        wait_until(lambda: ui_answers(second), START_S, f"the new MLflow UI\n{second.log_tail()}", interval=0.5)
+        assert "that a killed slmb serve left on port" in second.log.read_text()
+        assert second.process("mlflow")["restarts"] == 0

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("slmb.serve")
@@ -84,8 +85,8 @@ class Child:
     """One process that ``slmb serve`` keeps running. ``argv(n)`` gives the command of its ``n``-th start."""
 
     def __init__(self, name: str, argv: Callable[[int], list[str]], on_exit: Callable[[Child], None] | None = None,
-                 env: dict[str, str] | None = None):
-        self.name, self.argv, self.on_exit, self.env = name, argv, on_exit, env
+                 env: dict[str, str] | None = None, on_start: Callable[[Child], None] | None = None):
+        self.name, self.argv, self.on_exit, self.env, self.on_start = name, argv, on_exit, env, on_start
         self.proc: subprocess.Popen | None = None
         self.cmd: list[str] = []
         self.restarts = 0
@@ -100,6 +101,8 @@ class Child:
         self.cmd = self.argv(self.restarts)
         self.proc = _popen(self.cmd, signal.SIGKILL, env=None if self.env is None else {**os.environ, **self.env})
         self.started_at, self.next_start = time.monotonic(), None
+        if self.on_start is not None:
+            self.on_start(self)
 
     def describe(self) -> dict[str, Any]:
         alive = self.proc is not None and self.proc.poll() is None
@@ -331,6 +334,7 @@ UI_ENV = "SLMB_MLFLOW_UI"  # the UI's address, for the links in responses and in
 MLFLOW_READY_TIMEOUT_S = 300.0  # how long the log waits for the UI to answer before it says it did not
 # MLflow's job runner (GenAI evaluation jobs, a dozen huey processes that outlive the server) is not needed here.
 MLFLOW_CHILD_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+UI_GROUP_FILE = "mlflow-ui.pgid"  # under $SLMB_HOME: "<process group> <port>" of the UI last started there
 
 
 def mlflow_executable() -> str:
@@ -384,6 +388,65 @@ def _kill_group(child: Child) -> None:
             os.killpg(child.proc.pid, signal.SIGKILL)
 
 
+def _group_file() -> Path:
+    from slmb.core.store import slmb_home
+
+    return slmb_home() / UI_GROUP_FILE
+
+
+def _note_group(child: Child) -> None:
+    with contextlib.suppress(OSError):
+        _group_file().write_text(f"{child.proc.pid} {child.cmd[child.cmd.index('--port') + 1]}\n")
+
+
+def _running(pid: int, settle_s: float = 2.0) -> bool:
+    """Whether ``pid`` runs: not gone, nor a zombie left for init to reap (a process just killed: give it a moment)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+
+
+def _end_orphaned_ui(port: int, host: str) -> bool:
+    """End the UI web server a ``slmb serve`` of this ``$SLMB_HOME`` left on ``port`` when it was killed outright
+    (SIGKILL): its ``mlflow`` command died with ``serve``, the grandchild did not. Only a group whose leader is
+    gone and whose processes are MLflow's is touched; returns whether the port is free now."""
+    try:
+        pgid, noted_port = map(int, _group_file().read_text().split())
+    except (OSError, ValueError):
+        return False
+    if noted_port != port or _running(pgid):  # another port, or its `mlflow` command still runs
+        log.debug("port %d: the UI noted in %s (group %d, port %d) is not an orphan", port, UI_GROUP_FILE, pgid,
+                  noted_port)
+        return False
+    members = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                members.append((entry / "cmdline").read_bytes())
+    members = [cmdline for cmdline in members if cmdline]  # a zombie (the killed `mlflow`) has none
+    if not members or not all(b"mlflow" in cmdline for cmdline in members):
+        log.debug("port %d: group %d holds %s, not only MLflow's server", port, pgid, members)
+        return False
+    log.warning("ending the MLflow UI (process group %d) that a killed slmb serve left on port %d", pgid, port)
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not _port_taken(host, port):
+                return True
+            time.sleep(0.2)
+    return False
+
+
 def _announce_ui(url: str, probe: str, child: Child, timeout_s: float) -> None:
     """Log the UI's address once it answers (``mlflow server`` takes seconds to start; the API does not wait)."""
     from slmb.core.tracking import ui_answers
@@ -424,7 +487,7 @@ class MlflowUI:
         if not enabled:
             self.url = tracking.mlflow_ui_base()  # $SLMB_MLFLOW_UI if set (a UI run elsewhere), else none
             return
-        if _port_taken(host, port):
+        if _port_taken(host, port) and not _end_orphaned_ui(port, host):
             raise RuntimeError(f"port {port} on {host} for the MLflow UI is taken (another mlflow ui or slmb serve?): "
                                "give it another with --mlflow-port N, or start none with --no-mlflow")
         self.argv = mlflow_server_argv(host, port)
@@ -444,8 +507,8 @@ class MlflowUI:
         # MLflow does not lock the making of a new sqlite store's tables: the UI starts once this process has made
         # them (or failed to), from the supervisor's thread; the API does not wait for either.
         threading.Thread(target=_open_store, args=(store_open,), name="slmb-mlflow-store", daemon=True).start()
-        child = supervisor.add(Child("mlflow", lambda _: argv, on_exit=_kill_group, env=MLFLOW_CHILD_ENV),
-                               when=store_open)
+        child = supervisor.add(Child("mlflow", lambda _: argv, on_exit=_kill_group, env=MLFLOW_CHILD_ENV,
+                                     on_start=_note_group), when=store_open)
         local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         probe = f"http://{f'[{local}]' if ':' in local else local}:{self.port}"
         threading.Thread(target=_announce_ui, args=(self.url, probe, child, ready_timeout_s), name="slmb-mlflow-ui",
