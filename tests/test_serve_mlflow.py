@@ -246,3 +246,16 @@ def test_a_ui_left_by_a_killed_serve_is_ended_by_the_next(tmp_path):
         wait_until(lambda: ui_answers(second), START_S, f"the new MLflow UI\n{second.log_tail()}", interval=0.5)
         assert "that a killed slmb serve left on port" in second.log.read_text()
         assert second.process("mlflow")["restarts"] == 0
+
+
+def test_a_tracking_server_is_the_ui_and_nothing_is_started(monkeypatch):
+    from slmb.api.serve import MlflowUI
+    from slmb.core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
+    with socket.socket() as taken:  # the port is not even looked at
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ui = MlflowUI(True, "127.0.0.1", taken.getsockname()[1])
+    assert ui.argv is None and ui.url == "http://mlflow.example:5000"
+    assert tracking.mlflow_run_url("r1", "3") == "http://mlflow.example:5000/#/experiments/3/runs/r1"
