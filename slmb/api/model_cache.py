@@ -47,7 +47,8 @@ class ModelCache:
     :class:`~slmb.core.generate.BatchedGenerator` per model; ``SLMB_GENERATE_BATCH``, 32 by default); 0 turns
     batching off (each request decodes alone in the thread pool, as before). ``exact`` (``SLMB_GENERATE_EXACT``, on
     by default): batched results bit-identical to a lone request's; off: faster batched products for large models,
-    whose last bits may differ."""
+    whose last bits may differ. ``SLMB_GENERATE_THREADS``: intra-op threads of each decoding thread (default: 1
+    for small models, see :data:`slmb.core.generate.SMALL_MODEL_PARAMS`)."""
 
     def __init__(self, size: int, batch: int | None = None, exact: bool | None = None):
         self.size = max(1, size)
@@ -80,7 +81,8 @@ class ModelCache:
                 raise
             _failed.pop(name, None)
             if self.batch:
-                generator = BatchedGenerator(generator, self.batch, self.exact)
+                threads = int(os.environ.get("SLMB_GENERATE_THREADS") or 0) or None
+                generator = BatchedGenerator(generator, self.batch, self.exact, threads)
             with self._lock:
                 self._items[key] = generator
                 while len(self._items) > self.size:

@@ -8,12 +8,17 @@ rotary positions are absolute, so cached keys cannot be reused after a shift).
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import collections
 import copy
+import ctypes
+import glob
+import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,20 +326,47 @@ class GenerationHandle:
             self.finished.set()
 
 
+IDLE_S = 10.0  # a BatchedGenerator's thread ends after this long without requests
+# Below this many parameters, a decoding thread uses one intra-op thread: its ops are too small to share, and an
+# OpenMP team per op (attention splits its heads across threads) costs more than the op. Measured with the tiny
+# service benchmark (bench/serve_generate.py) on a busy 2-core machine: 2 threads spent 83 ms of CPU per request
+# (the worker spinning between ops while others wanted the core) and served 11 requests/s; 1 thread spent 7 ms
+# and served 95.
+SMALL_MODEL_PARAMS = 10_000_000
+
+
+def _thread_intra_op(n: int) -> bool:
+    """Use ``n`` intra-op threads in the calling thread only (OpenMP's per-thread setting, which torch's CPU ops
+    read; ``torch.set_num_threads`` would change every thread's, and MKL's). False where torch has no OpenMP."""
+    if not torch.backends.openmp.is_available():
+        return False
+    for lib in (None, *sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*.so*")))):
+        try:
+            ctypes.CDLL(lib).omp_set_num_threads(ctypes.c_int(n))
+        except (OSError, AttributeError):
+            continue
+        return torch.get_num_threads() == n
+    return False
+
+
 class BatchedGenerator:
     """Decodes concurrent requests to one model together, in one thread of its own: one forward pass per step
     for every sequence that is one token past its cache (``SLM.decode_rows``), each with its own sampling
     settings, seed, stop strings and stream. Requests join between steps (their prompt is encoded alone first)
     and leave when they end or are cancelled; at most ``max_batch`` decode at once, the rest wait in order.
-    A sequence whose window is full re-encodes it alone, as ``Generator`` does.
+    A sequence whose window is full re-encodes it alone, as ``Generator`` does. ``threads``: intra-op threads of
+    the decoding thread (default: 1 for models under ``SMALL_MODEL_PARAMS`` on the CPU, else torch's setting).
 
     ``exact`` (the default): every row is computed as the sequence alone would be, so results (greedy ids,
     seeded samples) are bit-identical to ``Generator``'s whatever else is in the batch; see ``nodes.Rows``.
     Thread-safe; holds no HTTP or asyncio: ``submit`` returns a ``GenerationHandle``."""
 
-    def __init__(self, generator: Generator, max_batch: int = 32, exact: bool = True):
+    def __init__(self, generator: Generator, max_batch: int = 32, exact: bool = True, threads: int | None = None):
         self.generator, self.model, self.tok = generator, generator.model, generator.tok
         self.max_batch, self.exact = max(1, max_batch), exact
+        if threads is None and generator.device.type == "cpu" and generator.model.num_parameters() < SMALL_MODEL_PARAMS:
+            threads = 1
+        self.threads = threads  # intra-op threads of the decoding thread (None: torch's setting)
         self._cond = threading.Condition()
         self._waiting: collections.deque[GenerationHandle] = collections.deque()
         self._thread: threading.Thread | None = None
@@ -357,6 +389,7 @@ class BatchedGenerator:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="slmb-generate", daemon=True)
                 self._thread.start()
+                _running.add(self)
             self._cond.notify()
         return handle
 
@@ -374,14 +407,19 @@ class BatchedGenerator:
         finally:
             handle.cancel()
 
-    def close(self) -> None:
-        """No new requests; the thread ends once those submitted are done."""
+    def close(self, wait: float = 0.0) -> None:
+        """No new requests; the thread ends once those submitted are done (waiting up to ``wait`` seconds)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
+            thread = self._thread
+        if thread is not None and wait > 0:
+            thread.join(wait)
 
     def _loop(self) -> None:
         active: list[tuple[GenerationHandle, _Sequence]] = []
+        if self.threads:
+            _thread_intra_op(self.threads)
         try:
             self._serve(active)
         except BaseException as exc:  # a bug here must not leave clients waiting forever
@@ -397,10 +435,9 @@ class BatchedGenerator:
         while True:
             with self._cond:
                 while not active and not self._waiting:
-                    if self._closed:
-                        self._thread = None
+                    if self._closed or (not self._cond.wait(IDLE_S) and not self._waiting):
+                        self._thread = None  # closed, or idle: the next submit starts a thread again
                         return
-                    self._cond.wait()
                 joining = []
                 while self._waiting and len(active) + len(joining) < self.max_batch:
                     joining.append(self._waiting.popleft())
@@ -460,6 +497,16 @@ class BatchedGenerator:
     def _fail(handle: GenerationHandle, seq: _Sequence, exc: Exception) -> None:
         seq.done = True
         handle._put(exc)
+
+
+_running: weakref.WeakSet[BatchedGenerator] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Let decoding threads end before the interpreter does (a daemon thread inside torch at exit can abort it)."""
+    for batcher in list(_running):
+        batcher.close(wait=5.0)
 
 
 def load_generator(name: str, device: str | torch.device = "cpu", dtype: str | None = None

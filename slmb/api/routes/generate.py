@@ -107,13 +107,23 @@ async def deltas(generator: Generator | BatchedGenerator, prompt: str, params: S
 
 async def complete(generator: Generator | BatchedGenerator, prompt: str, params: SamplingParams,
                    prompt_ids: Sequence[int] | None = None) -> Generation:
-    """One whole generation, without blocking the event loop (see ``deltas``)."""
+    """One whole generation, without blocking the event loop (see ``deltas``); the loop wakes once, at its end."""
     if not isinstance(generator, BatchedGenerator):
         return await run_in_threadpool(_with_prompt_ids(generator, prompt_ids).generate, prompt, params)
-    result = Generation(prompt, "")
-    async for _ in deltas(generator, prompt, params, result, prompt_ids):
-        pass
-    return result
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future = loop.create_future()
+
+    def sink(item: object) -> None:
+        if not isinstance(item, str):  # None at the end, or the exception that failed it
+            loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(item))
+
+    handle = generator.submit(prompt, params, Generation(prompt, ""), sink=sink, prompt_ids=prompt_ids)
+    try:
+        if isinstance(error := await ended, BaseException):
+            raise error
+    finally:
+        handle.cancel()
+    return handle.result
 
 
 def _with_prompt_ids(generator: Generator, ids: Sequence[int] | None) -> Generator:
