@@ -4,7 +4,9 @@ unbatched (issue 15.2).
 The tiny model of bench/reliability.py (width 32, 1 block, context 32, byte tokenizer, trained a few steps on
 tiny_shakespeare) is served by the real app under uvicorn in a subprocess of its own (so the clients do not share
 its interpreter), once per mode: ``SLMB_GENERATE_BATCH=0`` (each request decodes alone in the thread pool, as
-before batching) and batched (``SLMB_GENERATE_BATCH=32``, exact rows). Clients post the reliability benchmark's
+before batching), the same with one intra-op thread per process (``OMP_NUM_THREADS=1``: "unbatched-1t", to
+tell the gain of batching from that of the batched path's single-threaded ops on small models) and batched
+(``SLMB_GENERATE_BATCH=32``, exact rows). Clients post the reliability benchmark's
 request (``ROMEO:``, 32 new tokens, temperature 0.7, top_k 40, a seed per request) to ``/api/v1/generate-text``:
 first one client alone, then ``--clients`` clients at once, each sending ``--rounds`` requests back to back.
 Each request's text is checked against the other mode's for the same seed (batched decoding must not change it).
@@ -72,9 +74,11 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 @contextlib.contextmanager
-def server(home: Path, batch: int):
+def server(home: Path, batch: int, threads: int | None = None):
     port = free_port()
     env = {**os.environ, "SLMB_HOME": str(home), "SLMB_GENERATE_BATCH": str(batch)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -172,10 +176,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             home = Path(tmp) / "home"
             train_model(home, args.model)
-            runs: dict[str, list[dict[str, Any]]] = {"unbatched": [], "batched": []}
+            settings = {"unbatched": (0, None), "unbatched-1t": (0, 1), "batched": (args.batch, None)}
+            runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in settings}
             for _ in range(args.reps):
-                for mode, batch in (("unbatched", 0), ("batched", args.batch)):
-                    with server(home, batch) as (url, pid):
+                for mode, (batch, threads) in settings.items():
+                    with server(home, batch, threads) as (url, pid):
                         runs[mode].append(measure(url, pid))
             modes = {m: {k: sorted((r[k] for r in rs), key=lambda x: x["req_s"])[len(rs) // 2]
                          for k in ("lone", "concurrent")} for m, rs in runs.items()}
