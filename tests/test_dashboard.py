@@ -290,7 +290,7 @@ def test_the_page_and_its_files_need_no_token_and_forbid_foreign_scripts(service
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in page.headers["content-security-policy"]
-        assert '<script src="/dashboard/app.js">' in page.text
+        assert '<script src="dashboard/app.js">' in page.text
         for name, kind in (("app.js", "javascript"), ("style.css", "text/css")):
             resp = client.get(f"/dashboard/{name}")
             assert resp.status_code == 200 and kind in resp.headers["content-type"], name

@@ -3,7 +3,8 @@
 // setAttribute), never as HTML; the page's Content-Security-Policy allows only this script.
 "use strict";
 
-const API = "/api/v1";
+// Relative URLs: the page also works behind a proxy that serves it under a path prefix.
+const API = "api/v1";
 const TOKEN_KEY = "slmb.token";
 const TERMINAL = new Set(["finished", "stopped", "error"]);
 const STATES = ["queued", "running", "finished", "stopped", "error"];
@@ -185,7 +186,7 @@ function selectTab(name) {
 async function refreshHealth() {
   const el = $("health");
   try {
-    const resp = await fetch("/healthz");
+    const resp = await fetch("healthz");
     const body = await resp.json();
     const workers = body.workers && typeof body.workers.count === "number" ? body.workers.count : 0;
     clear(el);
@@ -255,6 +256,7 @@ function renderRuns() {
 
 let current = null; // the followed run
 const submittedWarnings = {}; // task id -> warnings of the submit response
+const mlflowLinks = {}; // task id -> the submit response's mlflow_url
 
 function newRun(taskId) {
   return {
@@ -475,6 +477,10 @@ function renderRun() {
   if (started.warmup_steps !== undefined && started.warmup_steps !== null) meta.push(`warmup ${started.warmup_steps} steps`);
   if (listed.created) meta.push(`created ${fmtTime(listed.created)}`);
   $("run-meta").textContent = meta.join(" · ");
+  const links = clear($("run-links"));
+  if (mlflowLinks[run.taskId]) {
+    links.append(" · ", h("a", {href: mlflowLinks[run.taskId], target: "_blank", rel: "noopener noreferrer"}, "MLflow run"));
+  }
   const badge = $("run-state");
   badge.textContent = state;
   badge.className = `badge ${state}`;
@@ -778,6 +784,7 @@ async function submitRequest() {
       return;
     }
     submittedWarnings[out.task_id] = out.warnings || [];
+    if (typeof out.mlflow_url === "string" && /^https?:\/\//.test(out.mlflow_url)) mlflowLinks[out.task_id] = out.mlflow_url;
     status.textContent = "";
     const result = clear($("submit-result"));
     result.append(`Queued ${out.model_name || ""} as task `, h("code", {}, out.task_id), ". ",
