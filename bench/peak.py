@@ -1,7 +1,10 @@
 """The machine's matmul ceiling: FLOP/s of a square matmul in fp32 and bf16 (``runtime.matmul_peak``: the best
 of ``--reps`` after a warm-up, the same measurement the trainer's MFU is reported against).
 
-    .venv/bin/python bench/peak.py [--n 2048] [--device cpu]    # prints one JSON line
+    .venv/bin/python bench/peak.py [--n 2048] [--device cpu] [--record]    # prints one JSON line
+
+``--record`` also keeps each measurement in ``$SLMB_HOME/peaks.json`` where it beats the one recorded
+(``runtime.trusted_peak``): run it on a quiet machine and later runs report MFU against it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import os
 
 import torch
 
-from slmb.core.runtime import matmul_peak, matmul_peak_size
+from slmb.core.runtime import matmul_peak, matmul_peak_size, trusted_peak
+from slmb.core.store import slmb_home
 
 
 def main() -> None:
@@ -23,6 +27,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=20.0,
                     help="seconds per precision at most: a CPU shrinks the product to fit (bf16 without native "
                          "support runs below 1 GFLOP/s)")
+    ap.add_argument("--record", action="store_true", help="keep the measurements in $SLMB_HOME/peaks.json where "
+                                                           "they beat the recorded ones (the trainer's MFU peak)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     n = args.n or (8192 if dev.type == "cuda" else 2048)
@@ -32,6 +38,8 @@ def main() -> None:
     for name in ("fp32", "bf16"):
         out[f"{name}_n"] = matmul_peak_size(dev, name, n, args.reps, args.budget)
         out[f"{name}_flops"] = matmul_peak(dev, name, n=out[f"{name}_n"], reps=args.reps, budget_s=None)
+        if args.record:
+            out[f"{name}_recorded"] = trusted_peak(dev, name, slmb_home(), measure=lambda f=out[f"{name}_flops"]: f)
     print(json.dumps(out))
 
 

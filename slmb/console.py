@@ -27,6 +27,27 @@ def fmt_mfu(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%" if value < 0.1 else f"{100 * value:.0f}%"
 
 
+def fmt_flops(value: float | None) -> str:
+    """FLOP/s with an SI prefix: 3.4 GFLOP/s, 312 TFLOP/s."""
+    if value is None:
+        return "-"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}FLOP/s"
+    return f"{value:.3g} FLOP/s"
+
+
+def fmt_utilisation(mfu: float | None, model_flops: float | None, peak: float | None = None) -> str:
+    """MFU beside the model FLOP/s it comes from (and the peak, when known). MFU is None where it would pass
+    100% (the peak was measured under load and no better one is recorded): the FLOP/s alone are then shown."""
+    if model_flops is None:
+        return fmt_mfu(mfu)
+    of_peak = f" of {fmt_flops(peak)} peak" if peak else ""
+    if mfu is None:
+        return f"{fmt_flops(model_flops)} (peak not trusted yet)"
+    return f"{fmt_mfu(mfu)} ({fmt_flops(model_flops)}{of_peak})"
+
+
 def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -132,7 +153,8 @@ class ConsoleSink:
             shown = {"epoch": f"epoch {e.epoch + 1}/{e.epochs}", "loss": f"loss (EMA) {fmt_loss(e.loss_ema)}",
                      "val": f"val {fmt_loss(e.val_loss)}", "lr": f"lr {e.lr:.2e}" if e.lr is not None else "lr -",
                      "tps": f"{e.tokens_per_sec:,.0f} tok/s" if e.tokens_per_sec else "- tok/s",
-                     "mfu": f"MFU {fmt_mfu(e.mfu)}", "eta": f"ETA {fmt_duration(e.eta_s)}"}
+                     "mfu": f"MFU {fmt_mfu(e.mfu)}" if e.mfu is not None or e.model_flops is None
+                     else fmt_flops(e.model_flops), "eta": f"ETA {fmt_duration(e.eta_s)}"}
             self.progress.update(self.task, completed=e.step, shown=shown)
 
     def _on_step(self, e: ev.Step) -> None:
@@ -194,7 +216,7 @@ class ConsoleSink:
             ("val loss", fmt_loss(val_loss)),
             ("best val loss", fmt_loss(self.best_val)),
             ("tokens/s", f"{p.tokens_per_sec:,.0f}" if p and p.tokens_per_sec else "-"),
-            ("MFU", fmt_mfu(p.mfu if p else None)),
+            ("MFU", fmt_utilisation(p.mfu, p.model_flops, s.peak_flops if s else None) if p else "-"),
             ("time", fmt_duration(elapsed_s)),
         ]
         for key, value in rows:

@@ -170,3 +170,14 @@ def test_second_ctrl_c_quits_at_once_without_a_model(tmp_path, terminal_env, run
     term = run_terminal(["train", "--resume", task_id, "--no-track"], terminal_env)
     assert term.wait(60) == 1
     assert "no checkpoint to resume from" in term.text and f"task {task_id}" not in term.text
+
+
+def test_utilisation_shows_model_flops_and_never_an_mfu_above_100_percent():
+    from slmb.console import fmt_flops, fmt_utilisation
+
+    assert fmt_flops(3.4e9) == "3.4 GFLOP/s" and fmt_flops(3.12e14) == "312 TFLOP/s" and fmt_flops(None) == "-"
+    assert fmt_utilisation(0.25, 1e11, 4e11) == "25% (100 GFLOP/s of 400 GFLOP/s peak)"
+    assert fmt_utilisation(0.05, 2e10, None) == "5.0% (20 GFLOP/s)"
+    # No trusted peak (MFU None: it would have passed 100%): the model's FLOP/s alone, said why.
+    assert fmt_utilisation(None, 5e11, 1e11) == "500 GFLOP/s (peak not trusted yet)"
+    assert fmt_utilisation(None, None) == "-"

@@ -202,10 +202,10 @@ class MlflowSink:
     """Logs a training run to MLflow from a background thread.
 
     Metrics: ``train/step_loss`` and ``train/lr`` (every step, through :meth:`record_step`; else from step
-    events), ``train/grad_norm``, ``train/tokens_per_sec``, ``train/mfu`` (step events), ``train/step_loss_ema``
-    (progress), ``train/epoch_loss`` (epoch), ``eval/train_loss`` and ``eval/val_loss`` (eval), batched every
-    few seconds. Artifacts: the request (the canvas JSON) as ``structure.json`` when the run starts; on the
-    terminal event that again, the loss curve (``loss_curve.png``) and, when finished, the model
+    events), ``train/grad_norm``, ``train/tokens_per_sec``, ``train/mfu``, ``train/model_flops`` (step events),
+    ``train/step_loss_ema`` (progress), ``train/epoch_loss`` (epoch), ``eval/train_loss`` and ``eval/val_loss``
+    (eval), batched every few seconds. Artifacts: the request (the canvas JSON) as ``structure.json`` when the
+    run starts; on the terminal event that again, the loss curve (``loss_curve.png``) and, when finished, the model
     (``model.safetensors`` and ``metadata.json``: see :func:`fetch_model`). Then it sets the ``training_status``
     tag and ends the run; the trainer waits for that, so the run is complete when training returns.
     """
@@ -345,6 +345,7 @@ class MlflowSink:
             self._metric("train/grad_norm", event.grad_norm, event, event.step)
             self._metric("train/tokens_per_sec", event.tokens_per_sec, event, event.step)
             self._metric("train/mfu", event.mfu, event, event.step)
+            self._metric("train/model_flops", event.model_flops, event, event.step)
         elif isinstance(event, ev.Progress):
             self._metric("train/step_loss_ema", event.loss_ema, event, event.step)
         elif isinstance(event, ev.Epoch):
