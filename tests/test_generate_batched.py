@@ -152,6 +152,9 @@ def test_a_cancelled_request_frees_its_place():
     wait_until(lambda: batcher.active == 0, 30, "the abandoned stream to leave")
     batcher.close()
     wait_until(lambda: batcher._thread is None, 30, "the decoding thread to end")
+    late = batcher.generate("d", SamplingParams(max_new_tokens=3, temperature=0))  # after close: still served
+    assert late.token_ids == gen.generate("d", SamplingParams(max_new_tokens=3, temperature=0)).token_ids
+    wait_until(lambda: batcher._thread is None, 30, "its thread to end as well")
 
 
 def test_zero_new_tokens_and_errors_end_the_request():

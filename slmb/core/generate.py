@@ -383,8 +383,6 @@ class BatchedGenerator:
         ids = list(prompt_ids) if prompt_ids is not None else self.prompt_ids(prompt)
         handle = GenerationHandle(prompt, ids, params or SamplingParams(), result or Generation(prompt, ""), sink)
         with self._cond:
-            if self._closed:
-                raise RuntimeError("this generator is closed")
             self._waiting.append(handle)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="slmb-generate", daemon=True)
@@ -408,7 +406,9 @@ class BatchedGenerator:
             handle.cancel()
 
     def close(self, wait: float = 0.0) -> None:
-        """No new requests; the thread ends once those submitted are done (waiting up to ``wait`` seconds)."""
+        """End the decoding thread as soon as it has nothing to do, not after ``IDLE_S`` (waiting up to ``wait``
+        seconds for it). A request submitted later (one that got this generator just before the model cache let it
+        go) is still served, by a thread of its own that ends with it."""
         with self._cond:
             self._closed = True
             self._cond.notify()
