@@ -20,7 +20,23 @@ EXIT_UNREADABLE = 2
 
 
 def main() -> None:
-    app()
+    command = typer.main.get_command(app)
+    _name_metavars(command)
+    command()
+
+
+def _name_metavars(command: Any) -> None:
+    """Give every option a metavar that reads as a placeholder (``--device DEVICE``, ``--epochs N``) where typer
+    would print its type (``<str>``, ``<int range>``)."""
+    for sub in getattr(command, "commands", {}).values():
+        _name_metavars(sub)
+    for param in command.params:
+        if param.metavar is not None or getattr(param, "is_flag", True):  # arguments have no is_flag: kept
+            continue
+        kind = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        if kind is bool:
+            continue
+        param.metavar = {int: "N", float: "X", Path: "PATH"}.get(kind) or param.name.rsplit("_", 1)[-1].upper()
 
 
 def read_request(path: Path) -> Any:

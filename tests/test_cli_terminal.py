@@ -278,6 +278,18 @@ def test_generate_help_reads_well():
     assert re.search(r"--stop TEXT\s+end the text before TEXT; repeat for several", text)
 
 
+@pytest.mark.parametrize("command", ["train", "generate", "serve", "validate", "prune"])
+def test_options_show_placeholders_not_python_types(command):
+    """typer prints an option's type (`--device <str>`, `--epochs <int range>`); slmb names a placeholder."""
+    text = slmb(command, "--help", env={"COLUMNS": "120"}).stdout
+    options = text[text.index("Options:"):]
+    assert not re.search(r"<(str|int|float|path|int range|float range|list\[str\])>", options), options
+    if command == "train":
+        assert re.search(r"--epochs N\s", options) and re.search(r"--device DEVICE\s", options)
+    if command == "serve":
+        assert re.search(r"--redis-url URL\s", options) and re.search(r"--port N\s", options)
+
+
 # ---------------------------------------------------------------------------------------------------- rm, prune
 
 

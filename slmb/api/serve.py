@@ -551,7 +551,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, redis_url: str | None = Non
         stack.callback(stop_workers, redis_url, children, settings.queue)
         stack.callback(supervisor.stop)
         supervisor.run_in_background()
-        log.info("API on http://%s:%d, %d worker(s)%s, Redis %s, MLflow UI %s", host, port, workers,
+        log.info("dashboard and API on http://%s:%d/, %d worker(s)%s, Redis %s, MLflow UI %s", host, port, workers,
                  f" of {nproc_per_node} process(es) each" if nproc_per_node else "", redis_url,
                  ui_url if ui.argv is None else f"starting on {ui_url}")
         app = create_app(settings)
