@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -248,3 +251,18 @@ def test_a_client_that_disconnects_frees_its_place(served):
     wait_until(lambda: batcher.active == 0, 60, "the disconnected request to leave the batch")
     with httpx.Client(base_url=url, timeout=60) as client:
         assert client.post("/api/v1/generate-text", json={**body, "max_length": 4}).json()["new_tokens"] == 4
+
+
+def test_the_service_benchmark_drives_a_running_service(served):
+    """bench/serve_generate.py --url: its load and table against the served app (the full run starts servers of
+    its own, minutes; this checks the measuring part)."""
+    _, url = served
+    bench = Path(__file__).resolve().parent.parent / "bench" / "serve_generate.py"
+    out = subprocess.run([sys.executable, str(bench), "--url", url, "--model", "bat", "--clients", "4", "--rounds",
+                          "2", "--lone", "3", "--new", "5", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    modes = json.loads(out.stdout.strip().splitlines()[-1])["modes"]["service"]
+    assert (modes["lone"]["requests"], modes["concurrent"]["requests"]) == (3, 8)
+    for r in modes.values():
+        assert r["req_s"] > 0 and 0 < r["p50_s"] <= r["p95_s"] <= r["max_s"]
+        assert r["tokens_s"] > 0
