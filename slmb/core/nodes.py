@@ -31,7 +31,7 @@ class Ctx:
 @dataclass
 class Rows:
     """Batched decoding: row i of a (B, 1) input is the next token of its own sequence, which sits at position
-    ``pos[i]`` and keeps its keys and values in ``ctxs[i].cache`` (a one-sequence ``model.KVCache``).
+    ``ctxs[i].pos`` and keeps its keys and values in ``ctxs[i].cache`` (a one-sequence ``model.KVCache``).
 
     ``exact``: the nodes whose results depend on the batch's shape (products: MKL's one-row and many-row kernels
     round differently; attention over each sequence's own cache) compute each row as the sequence alone would,
