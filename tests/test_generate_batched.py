@@ -54,7 +54,7 @@ def assert_same(batched, alone) -> None:
         (alone.text, alone.finish_reason, alone.prompt_tokens)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama3", "qwen3", "relative", "sinusoidal"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_ids_equal_unbatched_with_joins_and_leaves(arch):
     model, tok = model_for(arch), load_tokenizer("byte")
     gen = Generator(model, tok)
