@@ -323,10 +323,25 @@ def test_runs_list_the_service_tasks_without_server_paths(service, finished_mode
         mine = next(r for r in runs if r["task_id"] == finished_model)
         assert mine["state"] == "finished" and mine["model_name"] == "dash-finished"
         assert mine["celery_state"] == "SUCCESS" and mine["step"] == 12 and mine["created"] > 0
-        assert set(mine) == {"task_id", "model_name", "state", "celery_state", "step", "created", "message"}
+        assert set(mine) == {"task_id", "model_name", "state", "celery_state", "step", "created", "message",
+                             "mlflow_url"}
         created = [r["created"] for r in runs]
         assert created == sorted(created, reverse=True)  # newest first
         assert_no_server_paths(resp.text, service)
+
+
+def test_a_run_lists_its_mlflow_link_for_the_run_view(service, monkeypatch):
+    """The run view links to MLflow for any run the service lists, not only those submitted from the same tab."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", service.mlflow_uri)
+    monkeypatch.setenv("SLMB_MLFLOW_UI", "http://127.0.0.1:5999")  # where `slmb serve` says its UI is
+    app = create_app(Settings(redis_url=service.redis_url))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        job = client.post("/api/v1/train-complete-model", json=tiny_request("dash-mlflow-link", max_steps=2))
+        assert job.status_code == 200, job.text
+        link = job.json()["mlflow_url"]
+        assert link.startswith("http://127.0.0.1:5999/#/experiments/") and job.json()["mlflow_run_id"] in link
+        listed = {r["task_id"]: r for r in client.get("/api/v1/runs").json()["runs"]}[job.json()["task_id"]]
+        assert listed["mlflow_url"] == link
 
 
 def test_a_completed_model_with_nodes_parameters_and_losses(service, finished_model, monkeypatch):

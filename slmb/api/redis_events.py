@@ -430,7 +430,7 @@ def list_tasks(conn: redis.Redis) -> list[dict[str, Any]]:
         tasks.append({"task_id": task_id, "model_name": meta.get("model_name"), "queue": meta.get("queue"),
                       "created": float(meta.get("created") or 0), "state": status.get("state", "queued"),
                       "celery_state": celery_state(conn, task_id), "step": status.get("step"),
-                      "message": status.get("message")})
+                      "message": status.get("message"), "mlflow_url": meta.get("mlflow_url")})
     return sorted(tasks, key=lambda t: t["created"])
 
 

@@ -47,7 +47,7 @@ def mount(app: FastAPI) -> None:
 
 # ---------------------------------------------------------------------------------------------------- runs
 
-RUN_FIELDS = ("task_id", "model_name", "state", "celery_state", "step", "created", "message")
+RUN_FIELDS = ("task_id", "model_name", "state", "celery_state", "step", "created", "message", "mlflow_url")
 
 
 def _runs(conn: Any) -> list[dict[str, Any]]:

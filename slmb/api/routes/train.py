@@ -80,7 +80,7 @@ def _close_mlflow_run(task_id: str) -> None:
         log.warning("task %s: could not close its MLflow run: %s", task_id, exc)
 
 
-def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> int:
+def _submit(app: FastAPI, request: dict[str, Any], task_id: str, mlflow_url: str | None = None) -> int:
     """Queue the run; returns how many workers are alive on its queue."""
     from slmb.api.routes.health import alive_workers
     from slmb.api.worker import submit
@@ -95,6 +95,10 @@ def _submit(app: FastAPI, request: dict[str, Any], task_id: str) -> int:
         url = url._replace(netloc=f"{url.username or ''}:***@{url.hostname}" + (f":{url.port}" if url.port else ""))
     create_run(request, task_id, service={"redis_url": urlunsplit(url), "queue": settings.queue})
     submit(app.state.redis, request, task_id=task_id, queue=settings.queue)
+    if mlflow_url:  # the dashboard's run view links to it (GET /api/v1/runs)
+        from slmb.api.redis_events import task_key
+
+        app.state.redis.hset(task_key(task_id), "mlflow_url", mlflow_url)
     return alive
 
 
@@ -143,7 +147,7 @@ async def train_complete_model(request: Request) -> Any:
     model_name = body.get("modelName") or body.get("model_name")
     links = await mlflow_links(task_id, body)
     try:
-        workers_alive = await run_in_threadpool(_submit, request.app, body, task_id)
+        workers_alive = await run_in_threadpool(_submit, request.app, body, task_id, links.get("mlflow_url"))
     except Exception:
         await run_in_threadpool(_close_mlflow_run, task_id)
         raise

@@ -478,8 +478,9 @@ function renderRun() {
   if (listed.created) meta.push(`created ${fmtTime(listed.created)}`);
   $("run-meta").textContent = meta.join(" · ");
   const links = clear($("run-links"));
-  if (mlflowLinks[run.taskId]) {
-    links.append(" · ", h("a", {href: mlflowLinks[run.taskId], target: "_blank", rel: "noopener noreferrer"}, "MLflow run"));
+  const mlflow = mlflowLinks[run.taskId] || listed.mlflow_url;
+  if (typeof mlflow === "string" && /^https?:\/\//.test(mlflow)) {
+    links.append(" · ", h("a", {href: mlflow, target: "_blank", rel: "noopener noreferrer"}, "MLflow run"));
   }
   const badge = $("run-state");
   badge.textContent = state;
