@@ -6,6 +6,7 @@ Each training measurement is a fresh process (allocator state matters), the peer
 
     .venv/bin/python bench/run_all.py [--reps 3] [--quick]          # CPU, ~10 min on the 2-core dev box
     python3 bench/run_all.py --device cuda --reps 2                  # on a GPU: bf16, fused AdamW, compile
+    .venv/bin/python bench/run_all.py --loop                         # + loop overhead (bench/loop_overhead.py)
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--loop", action="store_true", help="also bench/loop_overhead.py: `slmb train` end to end against "
+                    "the bare step (~8 min on the CPU at --reps 3)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every run (default: all cores)")
     args = ap.parse_args()
@@ -174,8 +177,19 @@ def main() -> None:
             med = statistics.median(ts)
             print(f"| {name} | {new / med:,.0f} | {new / max(ts):,.0f}-{new / min(ts):,.0f} | {peer / med:.2f}x | "
                   f"{gen[0]['flops_per_token'] * new / med / 1e9:,.1f} |")
+    loop = None
+    if args.loop:
+        proc = subprocess.run([sys.executable, str(HERE / "loop_overhead.py"), "--reps", str(args.reps), "--device",
+                               args.device], capture_output=True, text=True, cwd=ROOT, timeout=7200)
+        if proc.returncode != 0:
+            print(f"<!-- loop overhead: FAILED {proc.stderr[-600:]} -->")
+        else:
+            *text, last = proc.stdout.strip().splitlines()
+            loop = json.loads(last)
+            print("\nLoop overhead (`slmb train` end to end against the bare step, bench/loop_overhead.py)")
+            print("\n".join(line for line in text if not line.startswith("<!--")))
     if args.json:
-        args.json.write_text(json.dumps({"peak": peak, "train": runs, "generate": gen}, indent=1))
+        args.json.write_text(json.dumps({"peak": peak, "train": runs, "generate": gen, "loop": loop}, indent=1))
 
 
 if __name__ == "__main__":

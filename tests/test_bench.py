@@ -107,3 +107,32 @@ def test_generate_benchmark_paths_produce_identical_tokens():
     assert set(out["seconds"]) == {"slmb (KV cache)", "slmb (no cache)", "HF generate (cache)",
                                    "slmb (KV cache, bf16 weights)"}
     assert all(len(ts) == 1 and ts[0] > 0 for ts in out["seconds"].values())
+
+
+def test_loop_overhead_benchmark_times_the_bare_step_and_the_whole_loop(tmp_path):
+    raw = tmp_path / "runs.json"
+    proc = _run("loop_overhead.py", "--small", "--steps", "20", "--reps", "1", "--checkpoint-every", "10",
+                "--json", str(raw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| bare |" in out and "| loop |" in out
+    for part in ("data", "step", "eval", "checkpoint", "events", "mlflow_record_step", "background threads (CPU)"):
+        assert f"| {part} |" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary["summary"]) == {"bare", "loop"} and all(v > 0 for v in summary["summary"].values())
+    assert summary["ratio"] == pytest.approx(summary["summary"]["loop"] / summary["summary"]["bare"])
+    assert 0 < summary["step_share"] <= 1
+    runs = json.loads(raw.read_text())
+    (bare,), (loop,) = runs["bare"], runs["loop"]
+    assert bare["steps"] == loop["steps"] == 20 and bare["tokens"] == loop["tokens"] == 20 * 4 * 64
+    assert bare["threads"] == loop["threads"] == 1
+    # The loop did what slmb train does: a batch and a step each step, the final evaluation (eval_batches of each
+    # split, forward passes only), the periodic checkpoint at step 10 (none at the last step: the model is saved).
+    from slmb.core.spec import Config
+
+    calls = loop["calls"]
+    assert calls["step"] == calls["data"] == calls["stop_check"] == calls["mlflow_record_step"] == 20
+    assert calls["eval"] == 2 * Config().eval_batches and calls["checkpoint"] == 1
+    assert calls["events"] >= 4  # started is before the clock; step + progress for the first and last, eval, ...
+    assert loop["parts_s_per_100_steps"]["step"] <= loop["loop_s"] * 100 / 20
+    assert loop["val_loss"] is not None and 0 < loop["val_loss"] < math.log(257) + 1
