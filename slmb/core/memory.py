@@ -401,10 +401,13 @@ def _loss_head(head: PlanNode | None, N: int, kind: str, low: bool, compiled: bo
     # backward: the saved dL/dh and dL/dW, their scaled copies (dL/dW's becomes the weight's gradient, counted
     # there; one more when it is added to a tied embedding's gradient)
     backward = 2 * N * E * 4 + V * E * 4 * (2 if tied else 1)
+    # A CPU's GEMM library may pack the (V, E) weight into a buffer of its own for the chunk products (MKL on an
+    # Intel Xeon: measured 39 MiB above an AMD EPYC's peak for a 16384 x 256 head, docs/memory.md).
+    packed = V * E * s if kind == "cpu" else 0
     if not low:
         # forward: dL/dh and dL/dW filled chunk by chunk; one chunk's logits and its dL/dh rows
-        return max(N * E * 4 + V * E * 4 + chunk * 4 + rows * E * 4, backward)
+        return max(N * E * 4 + V * E * 4 + chunk * 4 + rows * E * 4 + packed, backward)
     # bf16/fp16 forward: the inputs cast, the whole (N, V) gradient in the low precision, then either one chunk's
     # logits in both precisions or, at the end, dL/dh and dL/dW in both
     held = (N + V) * E * s + N * V * s
-    return max(held + chunk * (s + 4), held + (N + V) * E * (s + 4), backward)
+    return max(held + chunk * (s + 4) + packed, held + (N + V) * E * (s + 4), backward)
