@@ -163,7 +163,10 @@ def test_a_killed_redis_gets_the_buffered_events_in_order_and_the_terminal_one_l
     assert len(warnings) == 1 and "SLMB_EVENT_BUFFER" in warnings[0]["data"]["message"]
     kept = [w for w in got if w["event"] != "warning"]
     assert [w["event"] for w in kept if w["event"] != "step"] == ["checkpoint"] * 6 + ["finished"]
-    assert 45 <= len(got) <= 52  # the first event, the bound (50) and the warning
+    # The first event, the bound (50) and the warning; plus, at most, one batch the sink had in flight when Redis
+    # went away: redis-py retries its connection inside the send, which then succeeds once Redis is back, though
+    # the bound dropped those events from the buffer meanwhile (seen once under load: 100 events).
+    assert 45 <= len(got) <= 52 + rev.SEND_BATCH < 301
     order = [sent.index(ev.parse_event(w)) for w in kept]
     assert order == sorted(order) and kept[-1] == sent[-1].to_wire()
     assert rev.terminal_event(conn, TASK) == "finished"
