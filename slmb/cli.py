@@ -753,9 +753,7 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
                                                            "instead of printing the events")) -> None:
     """Print a run's events, one JSON object per line ({"event": ..., "data": {...}}), or with --plot its loss
     curve."""
-    from slmb.core.control import service_of
     from slmb.core.events import follow_events, read_events
-    from slmb.core.store import StoreError, run_dir
 
     if plot:
         if follow:
@@ -777,16 +775,7 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
             except rev.EventsUnavailable as exc:
                 _fail(str(exc), EXIT_UNREADABLE)
             return
-    try:
-        run = run_dir(task_id)
-    except StoreError as exc:
-        _fail(str(exc), EXIT_INVALID)
-    if not run.exists():
-        _fail(f"no run {task_id!r} in {run.path.parent}", EXIT_INVALID)
-    service = service_of(run)
-    if service is not None and not run.events.exists():  # a worker elsewhere wrote them: they are in Redis only
-        _fail(f"task {task_id} ran on the HTTP service; its events are in its Redis ({service.get('redis_url')}), "
-              "which does not answer or no longer holds it: set SLMB_REDIS_URL to the service's Redis", EXIT_INVALID)
+    run = _local_run(task_id)
     try:
         for event in follow_events(run.events) if follow else read_events(run.events):
             typer.echo(event.to_json())
@@ -797,9 +786,7 @@ def events(task_id: str = typer.Argument(..., help="the run's task id"),
 def _run_events(task_id: str) -> list[dict[str, Any]]:
     """A run's events in wire form ({"event", "data"}), from the service's Redis when it holds the task (as
     `slmb events` reads them), else from $SLMB_HOME/runs/<task_id>/events.jsonl; exits 1 when there are none."""
-    from slmb.core.control import service_of
     from slmb.core.events import read_events
-    from slmb.core.store import StoreError, run_dir
 
     conn = _service_redis() or _recorded_redis(task_id)
     if conn is not None:
@@ -810,16 +797,26 @@ def _run_events(task_id: str) -> list[dict[str, Any]]:
                 return [w for _, w in rev.read_events(conn, task_id)]
             except rev.EventsUnavailable as exc:
                 _fail(str(exc), EXIT_UNREADABLE)
+    return [e.to_wire() for e in read_events(_local_run(task_id).events)]
+
+
+def _local_run(task_id: str) -> Any:
+    """The run's directory in $SLMB_HOME, holding its events; exits 1 when there is none, or when a worker
+    elsewhere wrote the events (they are in the service's Redis only, which did not answer for them)."""
+    from slmb.core.control import service_of
+    from slmb.core.store import StoreError, run_dir
+
     try:
         run = run_dir(task_id)
     except StoreError as exc:
         _fail(str(exc), EXIT_INVALID)
     if not run.exists():
         _fail(f"no run {task_id!r} in {run.path.parent}", EXIT_INVALID)
-    if service_of(run) is not None and not run.events.exists():
-        _fail(f"task {task_id} ran on the HTTP service; its events are in its Redis, which does not answer or no "
-              "longer holds it: set SLMB_REDIS_URL to the service's Redis", EXIT_INVALID)
-    return [e.to_wire() for e in read_events(run.events)]
+    service = service_of(run)
+    if service is not None and not run.events.exists():
+        _fail(f"task {task_id} ran on the HTTP service; its events are in its Redis ({service.get('redis_url')}), "
+              "which does not answer or no longer holds it: set SLMB_REDIS_URL to the service's Redis", EXIT_INVALID)
+    return run
 
 
 def _stdout_console() -> Any:
