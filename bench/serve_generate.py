@@ -25,6 +25,13 @@ swing, it is the steadier measure of the work each request costs.
 
     .venv/bin/python bench/serve_generate.py [--clients 20] [--rounds 5] [--lone 20] [--reps 3] [--json]
     .venv/bin/python bench/serve_generate.py --url http://127.0.0.1:8000 --model NAME   # a running service
+
+``--step`` measures the decoding thread alone, in this process, without HTTP: ``--clients`` requests submitted
+together to one ``BatchedGenerator`` (the same model shape, untrained, and the same request), ``--reps`` times;
+it reports the wall time per batch of requests, per decoding step, and the part spent sampling (timed around the
+generator's sampling call).
+
+    .venv/bin/python bench/serve_generate.py --step [--clients 20] [--new 32] [--reps 15] [--exact 0|1]
 """
 
 from __future__ import annotations
@@ -156,21 +163,83 @@ def train_model(home: Path, name: str) -> None:
     train(tiny_request(name, max_steps=20), track=False)
 
 
+def decode_steps(clients: int, new: int, reps: int, exact: bool) -> dict[str, Any]:
+    """``--step``: the decoding thread of a ``BatchedGenerator``, in process (see the module's docstring)."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    from reliability import tiny_request
+
+    from slmb.core.compiler import build_model
+    from slmb.core.generate import BatchedGenerator, Generator, SamplingParams
+    from slmb.core.spec import TrainRequest
+    from slmb.core.tokenizers import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(TrainRequest.model_validate(tiny_request("step"))).eval()
+    gen = Generator(model, load_tokenizer("byte"))
+    name = "_sample_rows" if hasattr(gen, "_sample_rows") else "_sample"  # (an older checkout samples per row)
+    sample, sampling = getattr(gen, name), [0.0]
+
+    def timed(*a: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return sample(*a)
+        finally:
+            sampling[0] += time.perf_counter() - t0
+
+    setattr(gen, name, timed)
+    batcher = BatchedGenerator(gen, max_batch=max(32, clients), exact=exact)
+    params = [SamplingParams(max_new_tokens=new, temperature=0.7, top_k=40, seed=i) for i in range(clients)]
+    walls, shares, per_step = [], [], []
+    for rep in range(reps + 1):  # the first is a warm-up
+        sampling[0] = 0.0
+        t0 = time.perf_counter()
+        with batcher._cond:  # all submitted before the decoding thread looks at any
+            handles = [batcher.submit("ROMEO:", p) for p in params]
+        for handle in handles:
+            for _ in handle:
+                pass
+        wall = time.perf_counter() - t0
+        if rep:
+            walls.append(wall)
+            shares.append(sampling[0] / wall)
+            per_step.append(wall / new)
+    batcher.close()
+    return {"clients": clients, "new_tokens": new, "reps": reps, "exact": exact, "sampling_call": name,
+            "wall_s": statistics.median(walls), "wall_min_s": min(walls), "step_ms": 1000 * statistics.median(per_step),
+            "sampling_share": statistics.median(shares), "batched_steps": batcher.steps // (reps + 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5, help="requests per client, back to back")
     ap.add_argument("--lone", type=int, default=20, help="requests of the lone client")
     ap.add_argument("--new", type=int, default=32, help="max_length of each request")
-    ap.add_argument("--reps", type=int, default=3, help="fresh servers per mode, alternating")
+    ap.add_argument("--reps", type=int, help="fresh servers per mode, alternating (default 3); --step: batches (15)")
     ap.add_argument("--batch", type=int, default=32, help="SLMB_GENERATE_BATCH of the batched server")
     ap.add_argument("--url", help="drive this running service (one mode: whatever it is set to)")
     ap.add_argument("--model", default="bench-gen")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--step", action="store_true", help="time the decoding thread in process (no HTTP)")
+    ap.add_argument("--exact", type=int, default=1, help="--step: exact rows (1) or batched products (0)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         return serve(args.serve)
+    if args.step:
+        r = decode_steps(args.clients, args.new, args.reps or 15, bool(args.exact))
+        r["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        r["load_average"] = os.getloadavg()
+        if args.json:
+            print(json.dumps(r))
+        else:
+            print(f"{r['date']}: {r['clients']} requests x {r['new_tokens']} tokens together, exact={r['exact']}: "
+                  f"{r['wall_s']:.4f} s median (min {r['wall_min_s']:.4f}) over {r['reps']}, {r['step_ms']:.2f} ms "
+                  f"per step, sampling {100 * r['sampling_share']:.0f}% ({r['sampling_call']}); load average "
+                  + " ".join(f"{x:.2f}" for x in r["load_average"]))
+        return
 
     def measure(url: str, pid: int | None = None) -> dict[str, Any]:
         lone = asyncio.run(load(url, args.model, 1, args.lone, args.new, 10_000, pid))
@@ -186,7 +255,7 @@ def main() -> None:
             settings = {"unbatched": (0, None, True), "unbatched-1t": (0, 1, True), "batched": (args.batch, None, True),
                         "batched-fast": (args.batch, None, False)}
             runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in settings}
-            for _ in range(args.reps):
+            for _ in range(args.reps or 3):
                 for mode, (batch, threads, exact) in settings.items():
                     with server(home, batch, threads, exact) as (url, pid):
                         runs[mode].append(measure(url, pid))

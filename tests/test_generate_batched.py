@@ -95,11 +95,21 @@ def test_seeded_sampling_is_reproducible_batched_or_alone():
     batcher = BatchedGenerator(gen)
     settings = [dict(temperature=0.9, top_k=20, seed=1), dict(temperature=1.3, top_p=0.8, seed=2),
                 dict(temperature=0.7, top_k=0, repetition_penalty=1.4, seed=3),
-                dict(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=0.8, seed=2**63 + 5)]
+                dict(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=0.8, seed=2**63 + 5),
+                dict(temperature=0, repetition_penalty=1.3, seed=4)]  # greedy rows share the sampling call
     jobs = [(PROMPTS[i % len(PROMPTS)], SamplingParams(max_new_tokens=30, stop_at_eos=False, **s))
             for i, s in enumerate(settings)]
+    sample, sizes = gen._sample_rows, []
+
+    def counted(logits, rows):
+        sizes.append(len(rows))
+        return sample(logits, rows)
+
+    gen._sample_rows = counted
     handles = submit_together(batcher, jobs)
     finish(handles)
+    gen._sample_rows = sample
+    assert max(sizes) == len(jobs)  # one sampling call for every row of a step
     for handle, (prompt, params) in zip(handles, jobs, strict=True):
         assert_same(handle.result, gen.generate(prompt, params))
     # and again, batched with other company: the same samples
@@ -108,6 +118,94 @@ def test_seeded_sampling_is_reproducible_batched_or_alone():
     assert again[0].result.token_ids == handles[2].result.token_ids
     assert again[2].result.token_ids == handles[0].result.token_ids
     assert len({tuple(h.result.token_ids) for h in handles}) == len(handles)  # different seeds, different samples
+
+
+def reference_sample(gen: Generator, logits, seen, p: SamplingParams, rng: torch.Generator) -> int:
+    """One row sampled as before batched sampling: 1-D masks and ``torch.multinomial``."""
+    logits = logits[: gen.valid_vocab].float()
+    if seen is not None:
+        seen = seen[: gen.valid_vocab]
+        logits = torch.where(seen, torch.where(logits > 0, logits / p.repetition_penalty,
+                                               logits * p.repetition_penalty), logits)
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, min(p.top_k, gen.valid_vocab)).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p is not None and p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) >= p.top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=rng))
+
+
+SETTINGS = [dict(temperature=0), dict(temperature=0.7, top_k=40), dict(temperature=1.3, top_k=0, top_p=0.8),
+            dict(temperature=0.9, top_k=0, repetition_penalty=1.4), dict(temperature=0, repetition_penalty=2.0),
+            dict(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=0.8), dict(temperature=0.5, top_k=1),
+            dict(temperature=2.0, top_k=0, top_p=1e-6), dict(temperature=1.0, top_k=0), dict(temperature=0.8, top_k=5)]
+
+
+@pytest.mark.parametrize(("width", "valid"), [(300, 257), (50304, 50257)])  # a padded head, GPT-2's vocabulary
+def test_batched_sampling_equals_each_row_alone_and_the_one_row_multinomial(width, valid):
+    """``_sample_rows`` over a batch gives every row the token it gets alone (same seeded stream), and the token
+    the one-row ``torch.multinomial`` path gave before sampling was batched; rows with different settings mix."""
+    gen = Generator(model_for("gpt2"), load_tokenizer("byte"))
+    gen.valid_vocab = valid
+    draw = torch.Generator().manual_seed(0)
+    params = [SamplingParams(seed=i, **s) for i, s in enumerate(SETTINGS)]
+    seen = [torch.rand(width, generator=draw) < 0.1 if p.repetition_penalty != 1.0 else None for p in params]
+    streams = {name: [torch.Generator().manual_seed(1000 + i) for i in range(len(params))]
+               for name in ("batched", "alone", "reference")}
+    got: dict[str, list[list[int]]] = {name: [] for name in streams}
+    for _ in range(12):  # the generators advance: later steps use later draws
+        logits = torch.randn(len(params), width, generator=draw) * 4
+        got["batched"].append(gen._sample_rows(logits, list(zip(seen, params, streams["batched"], strict=True))))
+        got["alone"].append([gen._sample(logits[i], seen[i], p, streams["alone"][i]) for i, p in enumerate(params)])
+        got["reference"].append([reference_sample(gen, logits[i], seen[i], p, streams["reference"][i])
+                                 for i, p in enumerate(params)])
+    assert got["batched"] == got["alone"] == got["reference"]
+    assert max(max(row) for row in got["batched"]) < valid
+    columns = list(zip(*got["batched"], strict=True))
+    assert len(set(columns[1])) > 3  # sampled rows really vary
+    # ties: a nucleus of one token is the first maximum, as greedy (the sort is stable)
+    tied = torch.zeros(2, width)
+    tied[:, [7, 3, 9]] = 5.0
+    rows = [(None, SamplingParams(temperature=1, top_k=0, top_p=1e-6), torch.Generator().manual_seed(s))
+            for s in range(2)]
+    assert gen._sample_rows(tied, rows) == [3, 3]
+
+
+def test_a_row_with_nonfinite_logits_fails_only_its_request():
+    model = model_for("gpt2")
+    gen = Generator(model, load_tokenizer("byte"))
+    logits = torch.randn(2, 300)
+    logits[0, 5] = float("nan")
+    rows = [(None, SamplingParams(seed=s), torch.Generator().manual_seed(s)) for s in range(2)]
+    with pytest.raises(ValueError, match="not finite"):
+        gen._sample_rows(logits, rows)
+    decode_rows = model.decode_rows
+
+    def poisoned(ids, caches, exact=True):  # the first batched step gives row 0 non-finite logits
+        out = decode_rows(ids, caches, exact)
+        if not calls:
+            out[0] = float("nan")
+        calls.append(len(caches))
+        return out
+
+    calls: list[int] = []
+    model.decode_rows = poisoned
+    batcher = BatchedGenerator(gen)
+    jobs = [("ab", SamplingParams(max_new_tokens=8, seed=s, stop_at_eos=False)) for s in range(3)]
+    handles = submit_together(batcher, jobs)
+    with pytest.raises(ValueError, match="not finite"):
+        finish(handles[:1])
+    finish(handles[1:])
+    del model.decode_rows
+    assert calls[0] == 3
+    for handle, (prompt, params) in zip(handles[1:], jobs[1:], strict=True):
+        assert_same(handle.result, gen.generate(prompt, params))
+    batcher.close()
 
 
 def test_stop_strings_and_eos_per_sequence():
@@ -165,20 +263,20 @@ def test_zero_new_tokens_and_errors_end_the_request():
     batcher = BatchedGenerator(gen)
     empty = batcher.generate("hi", SamplingParams(max_new_tokens=0))
     assert (empty.text, empty.token_ids, empty.finish_reason) == ("", [], "length")
-    sample = gen._sample
+    sample = gen._sample_rows
 
-    def failing(logits, seen, p, rng):  # a request whose sampling fails, in a batch with one that does not
-        if p.seed == 13:
+    def failing(logits, rows):  # a request whose sampling fails, in a batch with one that does not
+        if any(p.seed == 13 for _, p, _ in rows):
             raise RuntimeError("sampling failed")
-        return sample(logits, seen, p, rng)
+        return sample(logits, rows)
 
-    gen._sample = failing
+    gen._sample_rows = failing
     greedy = SamplingParams(max_new_tokens=6, temperature=0)
     bad, good = submit_together(batcher, [("hi", SamplingParams(seed=13)), ("hi", greedy)])
     with pytest.raises(RuntimeError, match="sampling failed"):
         finish([bad])
     finish([good])
-    gen._sample = sample
+    gen._sample_rows = sample
     assert good.result.token_ids == gen.generate("hi", greedy).token_ids  # the other request was served
     assert batcher.generate("hi", greedy).token_ids == good.result.token_ids  # and so is the next
 
@@ -266,3 +364,14 @@ def test_the_service_benchmark_drives_a_running_service(served):
     for r in modes.values():
         assert r["req_s"] > 0 and 0 < r["p50_s"] <= r["p95_s"] <= r["max_s"]
         assert r["tokens_s"] > 0
+
+
+def test_the_step_benchmark_times_the_decoding_thread():
+    """bench/serve_generate.py --step: the in-process decoding thread, and the share spent sampling."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "serve_generate.py"
+    out = subprocess.run([sys.executable, str(bench), "--step", "--clients", "3", "--new", "4", "--reps", "2",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (r["clients"], r["new_tokens"], r["reps"], r["sampling_call"]) == (3, 4, 2, "_sample_rows")
+    assert 0 < r["wall_min_s"] <= r["wall_s"] and 0 < r["sampling_share"] < 1 and r["batched_steps"] >= 2

@@ -137,26 +137,75 @@ class Generator:
 
     def _sample(self, logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingParams, gen: torch.Generator
                 ) -> int:
-        logits = logits[: self.valid_vocab].float()  # (V',)
-        if seen is not None:  # CTRL-style repetition penalty, as Hugging Face applies it
-            seen = seen[: self.valid_vocab]
-            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-            logits = torch.where(seen, penalized, logits)
-        if p.temperature == 0:
-            if logits.device.type == "cpu":  # numpy's argmax: 3 µs over GPT-2's vocabulary, torch's CPU one 70
-                return int(logits.numpy().argmax())  # the first maximum, as torch.argmax
-            return int(logits.argmax())
-        logits = logits / p.temperature
-        if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, self.valid_vocab)).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p is not None and p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=gen))
+        """The next token from one sequence's logits (V,): ``_sample_rows`` for a single row."""
+        return self._sample_rows(logits.unsqueeze(0), [(seen, p, gen)])[0]
+
+    def _sample_rows(self, logits: torch.Tensor, rows: Sequence[tuple[torch.Tensor | None, SamplingParams,
+                                                                       torch.Generator]]) -> list[int]:
+        """The next token of every row of ``logits`` (B, V), row i with its own ``(seen, params, generator)``:
+        ``seen`` the tokens so far (bool, V) when the repetition penalty is on, else None.
+
+        The masks and the softmax run once for all rows, each row with its own penalty, temperature, top_k and
+        top_p; only the random draw is per row (each request's own seeded generator). Every step is row-wise
+        (elementwise ops, reductions and sorts along a row), so a row's token does not depend on the other rows:
+        a seeded request samples the same tokens alone or in any batch. The draw is ``torch.multinomial``'s own
+        for one sample (argmax of p / q, q ~ Exp(1) from the generator), so seeded outputs are those of the
+        one-row ``torch.multinomial`` this replaced. Greedy rows (temperature 0) take the first maximum."""
+        logits = logits[:, : self.valid_vocab].float()  # (B, V')
+        device = logits.device
+        penal = [i for i, (seen, _, _) in enumerate(rows) if seen is not None]
+        if penal:  # CTRL-style repetition penalty, as Hugging Face applies it
+            idx = torch.tensor(penal, device=device)
+            sub = logits.index_select(0, idx)
+            rp = _column([rows[i][1].repetition_penalty for i in penal], device)
+            seen = torch.stack([rows[i][0][: self.valid_vocab] for i in penal])  # type: ignore[index]
+            penalized = torch.where(sub > 0, sub / rp, sub * rp)
+            logits = logits.index_copy(0, idx, torch.where(seen, penalized, sub))
+        tokens = [0] * len(rows)
+        greedy = [i for i, (_, p, _) in enumerate(rows) if p.temperature == 0]
+        if greedy:
+            top = logits if len(greedy) == len(rows) else logits[greedy]
+            if device.type == "cpu":  # numpy's argmax: 3 µs over GPT-2's vocabulary, torch's CPU one 70
+                ids = top.numpy().argmax(1).tolist()  # the first maximum, as torch.argmax
+            else:
+                ids = top.argmax(1).tolist()
+            for i, t in zip(greedy, ids, strict=True):
+                tokens[i] = t
+        drawn = [i for i, (_, p, _) in enumerate(rows) if p.temperature != 0]
+        if not drawn:
+            return tokens
+        params = [rows[i][1] for i in drawn]
+        x = logits if len(drawn) == len(rows) else logits[drawn]
+        x = x / _column([p.temperature for p in params], device)  # (S, V')
+        ks = [min(p.top_k, self.valid_vocab) if p.top_k else 0 for p in params]
+        if any(ks):
+            top = torch.topk(x, max(ks)).values  # (S, kmax), descending
+            kth = top.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=device))
+            if not all(ks):  # rows without top_k keep every logit
+                kth = kth.masked_fill(torch.tensor([[k == 0] for k in ks], device=device), float("-inf"))
+            x = x.masked_fill(x < kth, float("-inf"))
+        nucleus = [j for j, p in enumerate(params) if p.top_p is not None and p.top_p < 1.0]
+        if nucleus:  # keep the smallest prefix (by probability) reaching top_p
+            sub = x if len(nucleus) == len(params) else x[nucleus]
+            sorted_x, order = torch.sort(sub, dim=1, descending=True, stable=True)
+            probs = sorted_x.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= _column([params[j].top_p for j in nucleus], device)
+            sub = sub.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+            x = sub if len(nucleus) == len(params) else x.index_copy(0, torch.tensor(nucleus, device=device), sub)
+        probs = x.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError("the probabilities are not finite (the model's logits hold inf or nan)")
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(drawn):
+            noise[j].exponential_(generator=rows[i][2])
+        for i, t in zip(drawn, (probs / noise).argmax(1).tolist(), strict=True):
+            tokens[i] = t
+        return tokens
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    """Per-row settings as an fp32 (B, 1) column, to divide or compare the rows of (B, V) logits by."""
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
 class _Sequence:
@@ -181,10 +230,17 @@ class _Sequence:
             self._finish("length")
 
     def step(self, logits: torch.Tensor) -> list[str]:
-        """Take the next token from ``logits`` (V,); the text it releases (a delta, then the tail when this
-        token ends the sequence; empty pieces left out). Sets ``done`` at EOS, a stop string or the length."""
+        """Take the next token from ``logits`` (V,); the text it releases (see ``advance``)."""
+        return self.advance(self.g._sample(logits, self.seen, self.p, self.rng))
+
+    def sampling(self) -> tuple[torch.Tensor | None, SamplingParams, torch.Generator]:
+        """This sequence's row for ``Generator._sample_rows``."""
+        return self.seen, self.p, self.rng
+
+    def advance(self, token: int) -> list[str]:
+        """Append the sampled ``token``; the text it releases (a delta, then the tail when this token ends the
+        sequence; empty pieces left out). Sets ``done`` at EOS, a stop string or the length."""
         p, result = self.p, self.result
-        token = self.g._sample(logits, self.seen, p, self.rng)
         if p.stop_at_eos and token == self.g.tok.eos_id:
             return self._finish("eos")
         result.token_ids.append(token)
@@ -462,11 +518,14 @@ class BatchedGenerator:
 
     @torch.inference_mode()
     def _step(self, active: list[tuple[GenerationHandle, _Sequence]]) -> None:
-        """One token for every active sequence; ends (and tells) those that are done or fail."""
+        """One token for every active sequence: one forward pass for those one token past their cache, one
+        each for the others (a prompt, a full window), then one sampling call for all; ends (and tells) those
+        that are done or fail."""
         batch = [(h, s) for h, s in active if s.stepper.one_cached_token()]
         if len(batch) < 2:
             batch = []
-        logits: dict[int, torch.Tensor] = {}
+        ready: list[tuple[GenerationHandle, _Sequence]] = []  # rows of the logits, in order
+        parts: list[torch.Tensor] = []
         if batch:
             ids = torch.tensor([[s.stepper.take()] for _, s in batch], device=self.generator.device)
             try:
@@ -477,15 +536,36 @@ class BatchedGenerator:
             else:
                 self.steps += 1
                 self.batched_rows += len(batch)
-                for i, (h, _) in enumerate(batch):
-                    logits[id(h)] = out[i, -1].clone()
+                ready += batch
+                parts.append(out[:, -1])
         batched = {id(h) for h, _ in batch}
         for h, s in active:
-            if s.done:
+            if s.done or id(h) in batched:
                 continue
             try:
-                row = logits[id(h)] if id(h) in batched else s.stepper.logits()  # a prompt, a full window: alone
-                for piece in s.step(row):
+                parts.append(s.stepper.logits().unsqueeze(0))  # a prompt, a full window: alone
+            except Exception as exc:
+                self._fail(h, s, exc)
+                continue
+            ready.append((h, s))
+        if not ready:
+            return
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
+        try:
+            tokens: list[int | Exception] = list(self.generator._sample_rows(logits, [s.sampling() for _, s in ready]))
+        except Exception:  # one row's failure (non-finite logits, say) must fail that request only: row by row
+            tokens = []
+            for i, (_, s) in enumerate(ready):
+                try:
+                    tokens.append(self.generator._sample_rows(logits[i : i + 1], [s.sampling()])[0])
+                except Exception as exc:
+                    tokens.append(exc)
+        for (h, s), token in zip(ready, tokens, strict=True):
+            if isinstance(token, Exception):
+                self._fail(h, s, token)
+                continue
+            try:
+                for piece in s.advance(token):
                     h._put(piece)
             except Exception as exc:
                 self._fail(h, s, exc)
