@@ -17,8 +17,9 @@ Two measurements, each in fresh processes, alternated round-robin over ``--reps`
 
 Ablations (``--ablate``) switch one part off at a time: ``no-mlflow`` (``track=False``), ``no-eval``
 (``eval_every`` past the end: only the final evaluation, 1 batch), ``no-ckpt`` (no periodic checkpoint),
-``json`` (the ``--json`` sink instead of the live display). Inside each ``loop`` run the parts are also timed
-directly (data loading, the step, evaluation, checkpoints, event emission, MLflow ``record_step``, the stop
+``json`` (the ``--json`` sink instead of the live display), ``no-prefetch`` (batches made in the loop's own thread
+when it needs them, as before the prefetcher). Inside each ``loop`` run the parts are also timed directly (waiting
+for the prefetched batches, the step, evaluation, checkpoints, event emission, MLflow ``record_step``, the stop
 check), as seconds per 100 steps.
 
     .venv/bin/python bench/loop_overhead.py [--reps 3] [--steps 200] [--ablate]        # GPT-2 benchmark shape
@@ -40,7 +41,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-VARIANTS = ("loop", "no-mlflow", "no-eval", "no-ckpt", "json")
+VARIANTS = ("loop", "no-mlflow", "no-eval", "no-ckpt", "json", "no-prefetch")
 
 
 def canvas(small: bool, steps: int, batch: int | None, checkpoint_every: int | None, device: str = "auto") -> dict:
@@ -157,10 +158,10 @@ def run_loop(body: dict, variant: str, sink_kind: str) -> dict:
     from rich.console import Console
 
     from slmb.console import ConsoleSink
+    from slmb.core import data
     from slmb.core import events as ev
     from slmb.core import trainer as T
     from slmb.core.control import FileControl
-    from slmb.core.data import WindowLoader
     from slmb.core.spec import Config
     from slmb.core.tracking import MlflowSink
 
@@ -171,8 +172,21 @@ def run_loop(body: dict, variant: str, sink_kind: str) -> dict:
         config.pop("checkpoint_every", None)
     if variant == "json":
         sink_kind = "json"
+    if variant == "no-prefetch":
+        class Inline:  # Prefetcher's interface, each step's batches made when asked for
+            def __init__(self, fetch, start, stop, **_):
+                self.fetch, self.index = fetch, start
+
+            def next(self):
+                self.index += 1
+                return self.fetch(self.index - 1)
+
+            def close(self):
+                pass
+
+        data.Prefetcher = Inline  # type: ignore[misc,assignment]
     timers = _Timers()
-    timers.wrap(WindowLoader, "batch", "data")
+    timers.wrap(data.Prefetcher, "next", "data")  # the main thread's wait: batches are made by its thread
     timers.wrap(T.TrainStep, "__call__", "step")
     timers.wrap(T.TrainStep, "loss", when=lambda: None if torch.is_grad_enabled() else "eval")
     timers.wrap(T._Loop, "_checkpoint", "checkpoint")

@@ -131,6 +131,9 @@ class ConsoleSink:
                     f"{escape(e.dataset)}{cache} with {escape(e.tokenizer)}; {e.total_steps:,} steps{warmup}, "
                     f"{e.epochs} epoch(s) of {e.steps_per_epoch:,}, batch {e.batch_size} × {e.context_length}"
                     f"{resumed}")
+        if e.compile and e.compile.get("enabled"):  # compiling takes a while before the first step: say why
+            graphs = ", CUDA graphs" if e.compile.get("cuda_graphs") else ""
+            self._print(f"torch.compile{graphs} ({escape(str(e.compile.get('reason')))}); the first step compiles")
         for w in e.warnings:  # the request's validation warnings (config keys that disagree with the nodes, ...)
             self._print(f"[yellow]warning[/] {escape(str(w.get('path') or '/'))}: {escape(str(w.get('message')))}")
         self._stop_live()

@@ -568,3 +568,86 @@ class WindowLoader:
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
         y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
         return x, y
+
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Prefetcher:
+    """The next optimizer steps' batches, made by a background thread while the device works on the current step.
+
+    ``fetch(i)`` returns the micro-batches of step ``i`` (a pure function of ``i``: ``WindowLoader.batch`` is, so a
+    resumed run reads exactly what an uninterrupted one would). The thread calls it for ``start``, ``start + 1``,
+    ... ``stop - 1``, at most ``depth`` steps ahead of the consumer, and with ``pin`` copies each batch into
+    page-locked memory, from which a ``.to(device, non_blocking=True)`` is an asynchronous DMA that the host does not
+    wait for. ``next()`` hands the batches over in order; an exception in ``fetch`` is raised there. ``close()``
+    ends the thread (also when the consumer stops early).
+    """
+
+    def __init__(self, fetch: Callable[[int], Batches], start: int, stop: int, *, pin: bool = False,
+                 depth: int = 2, name: str = "slmb-prefetch") -> None:
+        import queue
+        import threading
+
+        self._fetch, self._pin, self._next, self._stop = fetch, pin, start, stop
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(start,), name=name, daemon=True)
+        self._thread.start()
+
+    def _work(self, index: int) -> None:
+        import queue
+
+        while index < self._stop and not self._closed.is_set():
+            try:
+                batches = self._fetch(index)
+                if self._pin:
+                    batches = [(x.pin_memory(), y.pin_memory()) for x, y in batches]
+                item: Any = (index, batches, None)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                item = (index, None, exc)
+            while not self._closed.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            index += 1
+
+    def next(self) -> Batches:
+        """The batches of the next step (waits for the thread when it is behind)."""
+        import queue
+
+        if self._next >= self._stop:
+            raise IndexError(f"the prefetcher's steps end at {self._stop}")
+        while True:
+            try:
+                index, batches, exc = self._queue.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the batch prefetching thread ended unexpectedly") from None
+        if exc is not None:
+            raise exc
+        assert index == self._next, (index, self._next)
+        self._next += 1
+        return batches
+
+    def close(self) -> None:
+        import queue
+
+        self._closed.set()
+        while True:  # unblock a put() that waits for room
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -70,6 +70,7 @@ class Dist:
         self.device = torch.device("cpu")
         self.stop_signalled = False  # a SIGINT/SIGTERM this process received (see `catch_signals`)
         self._wrapped: nn.Module | None = None
+        self._flags: torch.Tensor | None = None  # (0., 1.) on the device: the stop flag without a copy
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -132,15 +133,16 @@ class Dist:
             raise DistributedError(f"the training split has only {loader_batch} windows, fewer than batch_size "
                                    f"{batch_size}: use more data or a smaller batch_size")
 
-    def setup_model(self, model: nn.Module, strategy: str | None, dtype: str, compile_: bool
-                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def setup_model(self, model: nn.Module, strategy: str | None, dtype: str, compile_: bool,
+                    mode: str | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Wrap ``model`` for ``strategy`` and return the loss function the step calls: ``(x, y) -> loss``.
 
-        ``model`` stays the module whose state dict names the weights (FSDP shards it in place; DDP wraps it)."""
+        ``model`` stays the module whose state dict names the weights (FSDP shards it in place; DDP wraps it).
+        ``mode``: torch.compile's mode ("reduce-overhead" replays CUDA graphs; one process only)."""
         from slmb.core import nodes as N
 
         if not self.active:  # one process: the model's own loss (compiled when asked)
-            return torch.compile(model.loss) if compile_ else model.loss
+            return torch.compile(model.loss, mode=mode) if compile_ else model.loss
         self.strategy = strategy
         if strategy == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -205,16 +207,23 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def step_result(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
-        """(the step's loss averaged over ranks, whether any rank wants to stop): one all-reduce, one sync."""
-        if not self.active:
-            return loss.item(), stop
-        import torch.distributed as dist
+    def step_numbers(self, loss: torch.Tensor, grad_norm: torch.Tensor, stop: bool) -> torch.Tensor:
+        """The step's numbers for the host, still on the device: (loss averaged over ranks, gradient norm, 1 if
+        any rank wants to stop). One all-reduce on several ranks; no host synchronisation (the trainer reads the
+        result later, ``trainer.Readback``)."""
+        if self._flags is None or self._flags.device != loss.device:  # device constants: no copy per step
+            self._flags = torch.tensor([0.0, 1.0], device=loss.device)
+        W = self.world_size
+        t = torch.stack([loss.detach().float() / W, grad_norm.detach().float() / W, self._flags[int(stop)]])  # (3,)
+        if self.active:
+            import torch.distributed as dist
 
-        t = torch.stack([loss.detach().float() / self.world_size,
-                         torch.tensor(1.0 if stop else 0.0, device=loss.device)])  # (2,)
-        dist.all_reduce(t)
-        loss_val, stops = t.tolist()
+            dist.all_reduce(t)  # the gradient norm is the same on every rank: its mean is itself
+        return t
+
+    def step_result(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
+        """(the step's loss averaged over ranks, whether any rank wants to stop), read at once: one sync."""
+        loss_val, _, stops = self.step_numbers(loss, loss.new_zeros(()), stop).tolist()
         return loss_val, stops > 0
 
     def share(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

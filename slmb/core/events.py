@@ -75,6 +75,9 @@ class Started(Event):
     strategy: str | None = None  # "ddp" or "fsdp" on several processes, None for one
     activation_checkpointing: bool = False
     warmup_steps: int | None = None  # the learning-rate warmup, in optimizer steps (None: a log older than the field)
+    # Whether the loss was torch.compiled, and why (trainer.compile_policy): enabled, mode ("default",
+    # "reduce-overhead" = CUDA graphs, None), cuda_graphs, reason, estimated_eager_s (config.compile "auto").
+    compile: dict[str, Any] | None = None
     # The request's validation warnings (validate.Issue dicts: path, message, hint, severity, check, ...), e.g.
     # config keys that describe the architecture and disagree with the nodes, which define it.
     warnings: list[dict[str, Any]] = Field(default_factory=list)

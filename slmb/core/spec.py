@@ -343,7 +343,14 @@ class Config(BaseModel):
     early_stopping_patience: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     seed: Annotated[int, Field(ge=0, lt=1 << 64)] = 1337  # what torch.manual_seed and numpy both take
     device: str = "auto"
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field("auto", description=(
+        "torch.compile the model's loss (trunk and LM-head cross-entropy). 'auto' (the default) compiles on CUDA "
+        "when the run is estimated to last long enough to repay the compile time (the started event's "
+        "compile.reason says why); on a CPU it does not compile, where it did not pay (docs/benchmarks.md)."))
+    cuda_graphs: bool = Field(False, description=(
+        "Replay the compiled forward and backward passes as CUDA graphs (torch.compile mode 'reduce-overhead'): "
+        "fewer kernel launches, which pays most for small models and batches. Implies compile on CUDA; no effect "
+        "on other devices."))
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     max_rows: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     text_field: str = "text"

@@ -56,6 +56,7 @@ from slmb.core.store import (
 
 STEP_EVERY_S = 0.5  # step/progress events at most twice a second (plus the first and the last step)
 EMA = 0.9  # smoothing of loss_ema
+READBACK_LAG: int | None = None  # steps a loss is read late (Readback): None = 1 on CUDA, 0 elsewhere; tests set 1
 MAX_STARTED_WARNINGS = 100  # a request with thousands of unknown keys must not make the started event huge
 
 
@@ -141,10 +142,13 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, autocast: Callable[[], Any],
                  device: torch.device, *, scaler: Any = None, grad_clip: float | None = 1.0,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 micro_step: Callable[[bool], Any] | None = None):
+                 micro_step: Callable[[bool], Any] | None = None, graphs: bool = False):
         """``micro_step(last)``: the context of one micro-batch (a distributed run synchronises gradients on the
-        last one only; ``Dist.micro_step``)."""
+        last one only; ``Dist.micro_step``). ``graphs``: ``loss_fn`` replays CUDA graphs (torch.compile's
+        "reduce-overhead"): each micro-batch starts a new graph step, and its loss is copied out of the graph's
+        output buffer, which the next replay overwrites."""
         self.model, self.optimizer, self.autocast, self.device = model, optimizer, autocast, device
+        self.graphs = graphs
         self.scaler, self.grad_clip = scaler, grad_clip or float("inf")
         self.loss_fn = loss_fn or model.loss
         self.micro_step = micro_step
@@ -156,8 +160,11 @@ class TrainStep:
         return t.to(self.device)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = self.to_device(x), self.to_device(y)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast():
-            return self.loss_fn(self.to_device(x), self.to_device(y))
+            return self.loss_fn(x, y)
 
     def __call__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], lr: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +180,8 @@ class TrainStep:
             with self.micro_step(k == accum - 1) if self.micro_step else contextlib.nullcontext():
                 loss = self.loss(x, y)
                 (scaler.scale(loss / accum) if scaler is not None else loss / accum).backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            loss = loss.detach().clone() if self.graphs else loss.detach()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
         if scaler is not None:
             scaler.unscale_(opt)
         grad_norm = nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
@@ -197,6 +205,131 @@ def get_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: 
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     coeff = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
     return min_lr + coeff * (lr - min_lr)
+
+
+@dataclass
+class StepNumbers:
+    """One optimizer step's numbers on the host (``Readback``)."""
+
+    step: int  # the step count after it (1 for the first step)
+    epoch: int
+    lr: float
+    loss: float  # mean over micro-batches and ranks
+    grad_norm: float
+    stop: bool  # some rank wanted to stop (distributed runs; agreed through the step's all-reduce)
+
+
+class Readback:
+    """Reads each step's numbers (``Dist.step_numbers``: loss, gradient norm, stop flag) to the host without
+    stalling the device.
+
+    On CUDA the (3,) tensor is copied into page-locked memory with ``non_blocking=True`` and a CUDA event marks its
+    arrival; ``ready()`` returns the steps whose numbers have arrived, waiting only for steps more than ``lag``
+    behind the newest. With ``lag`` 1 the loop, having queued step n, waits for step n-1 while the GPU is busy with
+    step n: the host never drains the device's queue, and there is no per-step synchronisation. ``drain=True``
+    waits for every step (evaluation, checkpoints, the last step, a stop). Where the device runs synchronously (the
+    CPU) ``lag`` is 0 and the numbers are read at once. The lag is a step count, the same on every rank, so ranks
+    agree on a stop after the same step."""
+
+    def __init__(self, device: torch.device, lag: int | None = None):
+        from collections import deque
+
+        self.cuda = device.type == "cuda"
+        self.lag = (1 if self.cuda else 0) if lag is None else lag
+        self._pending: deque[tuple[int, int, float, torch.Tensor, Any]] = deque()
+        # Page-locked buffers, reused round-robin (at most lag + 1 steps are in flight).
+        self._buffers = [torch.empty(3, pin_memory=True) for _ in range(self.lag + 2)] if self.cuda else []
+        self._turn = 0
+
+    def push(self, step: int, epoch: int, lr: float, numbers: torch.Tensor) -> None:
+        if not self.cuda:
+            self._pending.append((step, epoch, lr, numbers, None))
+            return
+        host = self._buffers[self._turn]
+        self._turn = (self._turn + 1) % len(self._buffers)
+        host.copy_(numbers, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._pending.append((step, epoch, lr, host, done))
+
+    def ready(self, drain: bool = False) -> list[StepNumbers]:
+        out = []
+        keep = 0 if drain else self.lag
+        while len(self._pending) > keep:
+            step, epoch, lr, numbers, done = self._pending.popleft()
+            if done is not None:
+                done.synchronize()
+            loss, grad_norm, stop = numbers.tolist()
+            out.append(StepNumbers(step, epoch, lr, loss, grad_norm, stop > 0))
+        return out
+
+
+# config.compile "auto": compile on CUDA when the run, uncompiled, is estimated to take at least this long. On the
+# H200, compiled steps of the GPT-2 benchmark shape ran 1.5x (batch 8) and 2.2x (batch 64) as fast as eager ones
+# (docs/benchmarks.md); at 1.5x a run saves a third of its time, so a compile of about a minute pays from about 3
+# minutes, and 5 leave a margin. The estimate assumes EAGER_MFU of the measured peak. On a CPU compiling did not
+# pay (the same median step, eager and compiled, on an AMD EPYC Zen 4, after a 40 s compile): "auto" is off there.
+COMPILE_AUTO_MIN_S = 300.0
+EAGER_MFU = 0.2
+
+
+def compile_policy(setting: bool | str, cuda_graphs: bool, device: torch.device, distributed: bool,
+                   flops_per_step: float, total_steps: int, peak: float | None) -> dict[str, Any]:
+    """Whether to torch.compile the loss, in which mode, and why: the ``started`` event's ``compile``.
+
+    ``setting`` is ``config.compile`` (True, False or "auto"); ``cuda_graphs`` asks for mode "reduce-overhead"
+    (CUDA only, one process only). "auto" compiles on CUDA when the run's estimated eager time (``flops_per_step``
+    x ``total_steps`` at ``EAGER_MFU`` of ``peak``) is at least ``COMPILE_AUTO_MIN_S``, and never elsewhere."""
+    estimate = flops_per_step * total_steps / (EAGER_MFU * peak) if peak else None
+    graphs = cuda_graphs and device.type == "cuda" and not distributed
+    if setting == "auto":
+        if device.type != "cuda":
+            enabled, reason = False, (f"auto: not on {device.type} (compiling did not pay on the CPUs measured; "
+                                      "set compile: true to force it)")
+        elif graphs:
+            enabled, reason = True, "auto: cuda_graphs needs a compiled loss"
+        elif estimate is None:
+            enabled, reason = False, "auto: no peak to estimate the run's length"
+        else:
+            enabled = estimate >= COMPILE_AUTO_MIN_S
+            verdict = "long enough to repay" if enabled else "too short to repay"
+            reason = (f"auto: the run is estimated at {estimate:.0f} s uncompiled, {verdict} the compile time "
+                      f"(compiles from {COMPILE_AUTO_MIN_S:.0f} s)")
+    else:
+        enabled = bool(setting) or graphs
+        reason = "compile: true" if setting else ("cuda_graphs: true" if graphs else "compile: false")
+    mode = "reduce-overhead" if graphs and enabled else ("default" if enabled else None)
+    notes = []
+    if cuda_graphs and not graphs:
+        notes.append("cuda_graphs has no effect " + ("on several processes" if distributed and
+                                                     device.type == "cuda" else f"on {device.type}"))
+    return {"enabled": enabled, "mode": mode, "cuda_graphs": graphs and enabled, "reason": reason,
+            "estimated_eager_s": round(estimate, 1) if estimate is not None else None, "notes": notes}
+
+
+class CompileFallback:
+    """A compiled loss that falls back to the eager one when compiling fails (a torch.compile/Inductor error on
+    the first call, before any step has used it): the run goes on uncompiled, and ``on_fallback(message)`` says
+    so. Any other error, and any error after the first call, is raised."""
+
+    def __init__(self, compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 eager: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], on_fallback: Callable[[str], None]):
+        self.fn, self.eager, self.on_fallback, self.first = compiled, eager, on_fallback, True
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.first:
+            return self.fn(x, y)
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            out = self.fn(x, y)
+        except TorchDynamoException as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            self.fn = self.eager
+            self.on_fallback(f"torch.compile failed ({type(exc).__name__}: {first_line}); training uncompiled")
+            out = self.fn(x, y)
+        self.first = False
+        return out
 
 
 def apply_overrides(body: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -526,7 +659,7 @@ class _Loop:
     def run(self, resume: bool) -> TrainResult:
         from slmb.core import nodes as N
         from slmb.core.compiler import build_model
-        from slmb.core.data import DatasetError, WindowLoader, prepare_tokens
+        from slmb.core.data import DatasetError, Prefetcher, WindowLoader, prepare_tokens
         from slmb.core.distributed import DistributedError
         from slmb.core.memory import MemoryLimitError
         from slmb.core.tokenizers import check_vocab, load_tokenizer
@@ -597,7 +730,17 @@ class _Loop:
         min_lr = cfg.min_lr if cfg.min_lr is not None else cfg.learning_rate / 10
         for repeat in (m for m in model.modules() if isinstance(m, N.Repeat)):
             repeat.checkpointing = cfg.activation_checkpointing
-        loss_fn = dist.setup_model(model, strategy, dtype, cfg.compile)
+        flops_per_token = model.flops_per_token(T)
+        # All ranks together: one device's peak times the world size (measured on rank 0 only; the best this
+        # machine has shown, cached under $SLMB_HOME, so that a busy start-up cannot make MFU exceed 100%).
+        peak = trusted_peak(device, dtype, slmb_home()) * W if dist.is_main else 1.0
+        compiling = compile_policy(cfg.compile, cfg.cuda_graphs, device, dist.active,
+                                   flops_per_token * B * T * accum, total_steps, peak if dist.is_main else None)
+        compiling = dist.broadcast(compiling)  # rank 0's estimate decides for every rank
+        for note in compiling.pop("notes"):
+            self.warn(note)
+        loss_fn = dist.setup_model(model, strategy, dtype, compiling["enabled"],
+                                   None if compiling["mode"] in (None, "default") else compiling["mode"])
         optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, device)
 
         st = self.state
@@ -613,30 +756,45 @@ class _Loop:
                 self.warn(note)
         start_step = st.step
         step = TrainStep(model, optimizer, autocast, device, scaler=scaler, grad_clip=cfg.grad_clip,
-                         loss_fn=loss_fn, micro_step=dist.micro_step if dist.active else None)
+                         loss_fn=loss_fn, micro_step=dist.micro_step if dist.active else None,
+                         graphs=compiling["cuda_graphs"])
+        if compiling["enabled"] and not dist.active:
+
+            def uncompiled(message: str) -> None:
+                step.graphs = False
+                compiling.update(enabled=False, mode=None, cuda_graphs=False, reason=message)
+                self.warn(message)
+
+            step.loss_fn = CompileFallback(loss_fn, model.loss, uncompiled)
+        pin = device.type == "cuda"
         eval_sets = {"train": train_loader.eval_batches(cfg.eval_batches),
                      "val": val_loader.eval_batches(cfg.eval_batches) if val_loader else []}
+        if pin:  # held for the whole run: page-locked once, copied to the GPU without a host wait at each eval
+            eval_sets = {k: [(x.pin_memory(), y.pin_memory()) for x, y in v] for k, v in eval_sets.items()}
 
         @torch.no_grad()
         def evaluate(batches: list) -> float | None:
-            """The mean loss over ``batches``; on several ranks each evaluates its rows and the mean is global."""
+            """The mean loss over ``batches`` (one host sync); on several ranks each evaluates its rows and the
+            mean is global."""
             if not batches:
                 return None
             model.eval()
-            total = weight = 0.0
+            total, weight = None, 0.0
             for x, y in batches:
                 xr, yr, w = dist.share(x, y)
-                total += step.loss(xr, yr).item() * w
+                loss = step.loss(xr, yr).float() * w
+                total = loss if total is None else total + loss
                 weight += w
             model.train()
-            return dist.mean(total, weight)
+            return dist.mean(total.item(), weight)
+
+        def fetch(index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """The micro-batches of optimizer step ``index`` (0-based), this rank's rows."""
+            epoch, cursor = divmod(index, steps_per_epoch)
+            return [train_loader.batch(epoch, cursor * accum + k, dist.rank, W) for k in range(accum)]
 
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.total_steps = total_steps
-        flops_per_token = model.flops_per_token(T)
-        # All ranks together: one device's peak times the world size (measured on rank 0 only; the best this
-        # machine has shown, cached under $SLMB_HOME, so that a busy start-up cannot make MFU exceed 100%).
-        peak = trusted_peak(device, dtype, slmb_home()) * W if dist.is_main else 1.0
         params = self.parameters = _num_parameters(model)
         # Everything made so far (modules of torch, MLflow, ...: ~700k objects) leaves the cyclic garbage collector's
         # view for the loop: its full passes over them cost ~1.5% of the loop. Undone when the run ends (_train).
@@ -649,79 +807,70 @@ class _Loop:
                   val_tokens=len(data.val), token_cache_hit=data.from_cache, grad_accum_steps=accum,
                   flops_per_token=flops_per_token, peak_flops=peak, world_size=W, strategy=strategy,
                   activation_checkpointing=cfg.activation_checkpointing, warmup_steps=warmup,
-                  warnings=self.warnings)
+                  compile=compiling, warnings=self.warnings)
 
         model.train()
         t0 = time.monotonic()
         # tokens/s counts training time only (no evaluation, checkpoints or event handling); the ETA uses wall time.
         last_emit, tokens_since_emit, busy_since_emit, evaluated_at = 0.0, 0, 0.0, -1
         stop_reason = None
-        # On several ranks the stop is agreed: read before the first step, then carried by each step's loss
-        # all-reduce, so every rank leaves the loop after the same step.
+        # On several ranks the stop is agreed: read before the first step, then carried by each step's all-reduce
+        # (read back a fixed number of steps later), so every rank leaves the loop after the same step.
         agreed_stop = dist.any(self.local_stop()) if dist.active else False
-        while st.step < total_steps:
-            if agreed_stop if dist.active else self.local_stop():
-                stop_reason = "requested"
-                break
-            t_step = time.monotonic()
-            lr = get_lr(st.step, total_steps, cfg.learning_rate, min_lr, warmup, cfg.lr_schedule)
-            epoch, cursor = divmod(st.step, steps_per_epoch)
-            loss, grad_norm = step([train_loader.batch(epoch, cursor * accum + k, dist.rank, W)
-                                    for k in range(accum)], lr)
-            st.step += 1
-            loss_val, agreed_stop = dist.step_result(loss, dist.active and self.local_stop())
-            if not math.isfinite(loss_val):
-                raise TrainingError(f"the loss became {loss_val} at step {st.step}; lower the learning_rate or "
-                                    "use fp32")
-            st.last_loss = loss_val
-            st.loss_ema = loss_val if st.loss_ema is None else EMA * st.loss_ema + (1 - EMA) * loss_val
-            st.epoch_loss_sum += loss_val
-            st.epoch_loss_steps += 1
-            if self.mlflow_sink is not None:  # every step's point on MLflow's curves (events are throttled)
-                self.mlflow_sink.record_step(st.step, loss_val, lr)
-            tokens_since_emit += B * T * accum
-            busy_since_emit += time.monotonic() - t_step
-
-            if st.step % steps_per_epoch == 0:
-                self.emit(ev.Epoch, epoch=epoch, step=st.step, epoch_loss=st.epoch_loss_sum / st.epoch_loss_steps)
-                st.epoch_loss_sum, st.epoch_loss_steps = 0.0, 0
-            if st.step % cfg.eval_every == 0 or st.step == total_steps:
-                evaluated_at = st.step
-                st.eval_train_loss, st.val_loss = evaluate(eval_sets["train"]), evaluate(eval_sets["val"])
-                if st.val_loss is not None:
-                    if st.best_val_loss is None or st.val_loss < st.best_val_loss:
-                        st.best_val_loss, st.evals_without_improvement = st.val_loss, 0
-                        st.best_step, st.best_train_loss = st.step, st.eval_train_loss
-                        if cfg.early_stopping_patience is not None:  # what it would roll back to
-                            self.best_weights = dist.snapshot(model, self.best_weights)
-                    else:
-                        st.evals_without_improvement += 1
-                self.emit(ev.Eval, step=st.step, train_loss=st.eval_train_loss, val_loss=st.val_loss,
-                          best_val_loss=st.best_val_loss)
-                patience = cfg.early_stopping_patience
-                if patience is not None and st.evals_without_improvement >= patience:
-                    stop_reason = "early_stopping"
-
-            now = time.monotonic()
-            if (st.step == start_step + 1 or st.step == total_steps or stop_reason
-                    or now - last_emit >= self.step_every_s):
-                tps = tokens_since_emit / max(busy_since_emit, 1e-9)
-                model_flops = tps * flops_per_token
-                mfu = utilisation(model_flops, peak)
-                done = st.step - start_step
-                eta = (now - t0) / done * (total_steps - st.step)
-                self.emit(ev.Step, step=st.step, total_steps=total_steps, epoch=epoch, loss=loss_val, lr=lr,
-                          grad_norm=float(grad_norm), tokens_per_sec=tps, mfu=mfu, model_flops=model_flops)
-                self.emit(ev.Progress, step=st.step, total_steps=total_steps,
-                          progress=100.0 * st.step / total_steps, epoch=epoch, epochs=cfg.epochs, loss=loss_val,
-                          loss_ema=st.loss_ema, val_loss=st.val_loss, lr=lr, tokens_per_sec=tps, mfu=mfu,
-                          model_flops=model_flops,
-                          elapsed_s=self.elapsed(), eta_s=eta)
-                last_emit, tokens_since_emit, busy_since_emit = now, 0, 0.0
-            if stop_reason == "early_stopping":
-                break
-            if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < total_steps:
-                self._checkpoint()
+        # No host synchronisation per step: the next steps' batches are made (and page-locked) by a thread, and
+        # each step's loss reaches the host one step late on CUDA (Readback), except at the steps that need the
+        # state to match the weights (the first and last, evaluation, checkpoints, a stop): they wait for it.
+        readback = Readback(device, READBACK_LAG)
+        batches = Prefetcher(fetch, st.step, total_steps, pin=pin)
+        try:
+            while st.step < total_steps:
+                if agreed_stop if dist.active else self.local_stop():
+                    stop_reason = "requested"
+                    break
+                t_step = time.monotonic()
+                lr = get_lr(st.step, total_steps, cfg.learning_rate, min_lr, warmup, cfg.lr_schedule)
+                loss, grad_norm = step(batches.next(), lr)
+                st.step += 1
+                readback.push(st.step, (st.step - 1) // steps_per_epoch, lr,
+                              dist.step_numbers(loss, grad_norm, dist.active and self.local_stop()))
+                evaluating = st.step % cfg.eval_every == 0 or st.step == total_steps
+                checkpointing = bool(cfg.checkpoint_every) and st.step % cfg.checkpoint_every == 0
+                done = readback.ready(drain=evaluating or checkpointing or st.step == start_step + 1)
+                tokens_since_emit += B * T * accum
+                busy_since_emit += time.monotonic() - t_step  # with the wait for the device: its time, too
+                for numbers in done:
+                    agreed_stop = self._account(numbers, steps_per_epoch) or agreed_stop
+                if evaluating:
+                    evaluated_at = st.step
+                    stop_reason = self._evaluate(evaluate, eval_sets, dist, model)
+                for numbers in done:
+                    now = time.monotonic()
+                    if not (numbers.step in (start_step + 1, total_steps) or stop_reason
+                            or now - last_emit >= self.step_every_s):
+                        continue
+                    tps = tokens_since_emit / max(busy_since_emit, 1e-9)
+                    model_flops = tps * flops_per_token
+                    mfu = utilisation(model_flops, peak)
+                    eta = (now - t0) / (st.step - start_step) * (total_steps - st.step)
+                    self.emit(ev.Step, step=numbers.step, total_steps=total_steps, epoch=numbers.epoch,
+                              loss=numbers.loss, lr=numbers.lr, grad_norm=numbers.grad_norm, tokens_per_sec=tps,
+                              mfu=mfu, model_flops=model_flops)
+                    self.emit(ev.Progress, step=numbers.step, total_steps=total_steps,
+                              progress=100.0 * numbers.step / total_steps, epoch=numbers.epoch, epochs=cfg.epochs,
+                              loss=numbers.loss, loss_ema=st.loss_ema, val_loss=st.val_loss, lr=numbers.lr,
+                              tokens_per_sec=tps, mfu=mfu, model_flops=model_flops, elapsed_s=self.elapsed(),
+                              eta_s=eta)
+                    last_emit = now
+                    if numbers is done[-1]:
+                        tokens_since_emit, busy_since_emit = 0, 0.0
+                if stop_reason == "early_stopping":
+                    break
+                if checkpointing and st.step < total_steps:
+                    self._checkpoint()
+            for numbers in readback.ready(drain=True):  # a stop leaves steps in flight: the state must match
+                self._account(numbers, steps_per_epoch)
+        finally:
+            batches.close()
 
         if stop_reason == "requested":
             return self._stopped(model)
@@ -738,6 +887,45 @@ class _Loop:
                             f"{st.best_val_loss:.4f}), the best evaluation")
             self.warn(message)
         return self._finished(model, tokenizer, dtype, device)
+
+    def _account(self, numbers: StepNumbers, steps_per_epoch: int) -> bool:
+        """Fold one step's numbers, read back from the device, into the state (in step order): the loss check,
+        EMA, epoch mean and ``epoch`` event, MLflow's per-step point. Returns the step's agreed stop flag."""
+        st, loss = self.state, numbers.loss
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at step {numbers.step}; lower the learning_rate or use fp32")
+        st.last_loss = loss
+        st.loss_ema = loss if st.loss_ema is None else EMA * st.loss_ema + (1 - EMA) * loss
+        st.epoch_loss_sum += loss
+        st.epoch_loss_steps += 1
+        if self.mlflow_sink is not None:  # every step's point on MLflow's curves (events are throttled)
+            self.mlflow_sink.record_step(numbers.step, loss, numbers.lr)
+        if numbers.step % steps_per_epoch == 0:
+            self.emit(ev.Epoch, epoch=numbers.epoch, step=numbers.step,
+                      epoch_loss=st.epoch_loss_sum / st.epoch_loss_steps)
+            st.epoch_loss_sum, st.epoch_loss_steps = 0.0, 0
+        return numbers.stop
+
+    def _evaluate(self, evaluate: Callable[[list], float | None], eval_sets: Mapping[str, list], dist: Dist,
+                  model: nn.Module) -> str | None:
+        """The periodic evaluation at the current step: losses, best-so-far (and its weights, with early
+        stopping), the ``eval`` event. Returns "early_stopping" when patience has run out."""
+        st, cfg = self.state, self.req.config
+        st.eval_train_loss, st.val_loss = evaluate(eval_sets["train"]), evaluate(eval_sets["val"])
+        if st.val_loss is not None:
+            if st.best_val_loss is None or st.val_loss < st.best_val_loss:
+                st.best_val_loss, st.evals_without_improvement = st.val_loss, 0
+                st.best_step, st.best_train_loss = st.step, st.eval_train_loss
+                if cfg.early_stopping_patience is not None:  # what it would roll back to
+                    self.best_weights = dist.snapshot(model, self.best_weights)
+            else:
+                st.evals_without_improvement += 1
+        self.emit(ev.Eval, step=st.step, train_loss=st.eval_train_loss, val_loss=st.val_loss,
+                  best_val_loss=st.best_val_loss)
+        patience = cfg.early_stopping_patience
+        if patience is not None and st.evals_without_improvement >= patience:
+            return "early_stopping"
+        return None
 
     def elapsed(self) -> float:
         """Training seconds over every session of this run (a resumed run continues the clock)."""
