@@ -514,6 +514,9 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
           device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps"),
           dtype: str | None = typer.Option(None, "--dtype", help="auto, fp32, bf16 or fp16 (compute precision)"),
           name: str | None = typer.Option(None, "--name", help="override modelName (names the completed model)"),
+          compile_: str | None = typer.Option(None, "--compile", metavar="auto|on|off",
+                                              help="override config.compile: torch.compile the loss (auto: on "
+                                                   "CUDA when the run is long enough to repay it)"),
           dataset: str | None = typer.Option(None, "--dataset", metavar="NAME|PATH",
                                              help="override the request's dataset: a name (tiny_shakespeare, "
                                                   "roneneldan/TinyStories, ...) or a local .txt/.jsonl/.json/"
@@ -576,7 +579,8 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
         _refuse_resume(resume)
     overrides = {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "device": device,
                  "dtype": dtype, "model_name": name, "dataset": _local_path_or_name(dataset),
-                 "tokenizer": _local_path_or_name(tokenizer)}
+                 "tokenizer": _local_path_or_name(tokenizer),
+                 "compile": {"on": True, "off": False}.get(compile_, compile_)}
     launch = nproc_per_node is not None or nnodes > 1
     if launch and queue:
         _fail("--queue trains on the service's workers: give their --nproc-per-node to `slmb worker` or `slmb "
@@ -590,7 +594,7 @@ def train(file: Path | None = typer.Argument(None, help="request JSON; optional 
         flags = [a for flag, value in (("--epochs", epochs), ("--max-steps", max_steps), ("--batch-size", batch_size),
                                        ("--device", device), ("--dtype", dtype), ("--name", name),
                                        ("--dataset", overrides["dataset"]), ("--tokenizer", overrides["tokenizer"]),
-                                       ("--resume", resume), ("--max-memory", max_memory))
+                                       ("--resume", resume), ("--max-memory", max_memory), ("--compile", compile_))
                  if value is not None for a in (flag, str(value))]
         args = ["train", *([str(file)] if file is not None else []), *flags, "--task-id", task_id,
                 *([] if track else ["--no-track"]), *(["--json"] if as_json else [])]

@@ -154,6 +154,18 @@ def test_cli_errors(request_file, env, tmp_path):
     assert json.loads(slmb("list", "--json", env=env).stdout) == {"models": [], "tasks": []}
 
 
+def test_compile_option(request_file, env):
+    wrong = slmb("train", request_file(max_steps=1), "--no-track", "--compile", "sometimes", env=env)
+    assert wrong.returncode == 1 and 'compile must be true, false or "auto"' in wrong.stderr
+    assert "/config/compile" in wrong.stderr
+    on = slmb("train", request_file(max_steps=2), "--no-track", "--json", "--compile", "on", env=env, timeout=300)
+    assert on.returncode == 0, on.stderr
+    started = next(e for e in map(json.loads, on.stdout.splitlines()) if e["event"] == "started")["data"]
+    estimate = started["compile"].pop("estimated_eager_s")
+    assert started["compile"] == {"enabled": True, "mode": "default", "cuda_graphs": False, "reason": "compile: true"}
+    assert estimate > 0
+
+
 def test_a_force_stop_between_checkpoints_names_the_checkpoint_on_disk():
     """A trainer publishes step-N+1, deletes step-N, and only then logs N+1's ``checkpoint``. Killed in between (a
     busy machine widens that gap), its log's last checkpoint is gone while N+1 is whole on disk: the ``stopped``

@@ -382,6 +382,18 @@ class Config(BaseModel):
                    "fp16": "fp16", "bf16": "bf16", "auto": "auto"}
         return aliases.get(v.strip().lower(), v) if isinstance(v, str) else v
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, v: Any) -> Any:
+        """true, false or "auto" (also as the strings "true"/"false"); anything else is one clear error, not one
+        per member of the union."""
+        if isinstance(v, str) and v.strip().lower() in ("auto", "true", "false"):
+            return {"auto": "auto", "true": True, "false": False}[v.strip().lower()]
+        if isinstance(v, bool):
+            return v
+        raise PydanticCustomError("compile_choice", 'compile must be true, false or "auto", not {value}',
+                                  {"value": repr(v)})
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

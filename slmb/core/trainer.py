@@ -304,7 +304,7 @@ def compile_policy(setting: bool | str, cuda_graphs: bool, device: torch.device,
         notes.append("cuda_graphs has no effect " + ("on several processes" if distributed and
                                                      device.type == "cuda" else f"on {device.type}"))
     return {"enabled": enabled, "mode": mode, "cuda_graphs": graphs and enabled, "reason": reason,
-            "estimated_eager_s": round(estimate, 1) if estimate is not None else None, "notes": notes}
+            "estimated_eager_s": float(f"{estimate:.3g}") if estimate is not None else None, "notes": notes}
 
 
 class CompileFallback:
