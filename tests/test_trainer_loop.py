@@ -262,6 +262,10 @@ def test_compile_policy():
     assert (ddp["mode"], ddp["cuda_graphs"], ddp["notes"]) == ("default", False,
                                                                ["cuda_graphs has no effect on several processes"])
     assert compile_policy(False, True, cpu, False, per_step, 1, peak)["notes"] == ["cuda_graphs has no effect on cpu"]
+    accumulating = compile_policy(True, True, cuda, False, per_step, 1, peak, accum=4)
+    assert (accumulating["mode"], accumulating["cuda_graphs"]) == ("default", False)
+    assert accumulating["notes"] == ["cuda_graphs has no effect with grad_accum_steps 4 (a replay would overwrite "
+                                     "the gradients accumulated so far)"]
 
 
 def test_the_started_event_says_whether_and_why_the_loss_was_compiled():

@@ -350,7 +350,7 @@ class Config(BaseModel):
     cuda_graphs: bool = Field(False, description=(
         "Replay the compiled forward and backward passes as CUDA graphs (torch.compile mode 'reduce-overhead'): "
         "fewer kernel launches, which pays most for small models and batches. Implies compile on CUDA; no effect "
-        "on other devices."))
+        "on other devices, on several processes or with grad_accum_steps above 1 (a warning says so)."))
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     max_rows: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None
     text_field: str = "text"

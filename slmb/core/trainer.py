@@ -274,14 +274,16 @@ EAGER_MFU = 0.2
 
 
 def compile_policy(setting: bool | str, cuda_graphs: bool, device: torch.device, distributed: bool,
-                   flops_per_step: float, total_steps: int, peak: float | None) -> dict[str, Any]:
+                   flops_per_step: float, total_steps: int, peak: float | None, accum: int = 1) -> dict[str, Any]:
     """Whether to torch.compile the loss, in which mode, and why: the ``started`` event's ``compile``.
 
     ``setting`` is ``config.compile`` (True, False or "auto"); ``cuda_graphs`` asks for mode "reduce-overhead"
-    (CUDA only, one process only). "auto" compiles on CUDA when the run's estimated eager time (``flops_per_step``
-    x ``total_steps`` at ``EAGER_MFU`` of ``peak``) is at least ``COMPILE_AUTO_MIN_S``, and never elsewhere."""
+    (CUDA only, one process only, one micro-batch per step: a graph replay reuses the memory of the previous
+    one's outputs, where accumulated gradients would live). "auto" compiles on CUDA when the run's estimated
+    eager time (``flops_per_step`` x ``total_steps`` at ``EAGER_MFU`` of ``peak``) is at least
+    ``COMPILE_AUTO_MIN_S``, and never elsewhere."""
     estimate = flops_per_step * total_steps / (EAGER_MFU * peak) if peak else None
-    graphs = cuda_graphs and device.type == "cuda" and not distributed
+    graphs = cuda_graphs and device.type == "cuda" and not distributed and accum == 1
     if setting == "auto":
         if device.type != "cuda":
             enabled, reason = False, (f"auto: not on {device.type} (compiling did not pay on the CPUs measured; "
@@ -301,8 +303,9 @@ def compile_policy(setting: bool | str, cuda_graphs: bool, device: torch.device,
     mode = "reduce-overhead" if graphs and enabled else ("default" if enabled else None)
     notes = []
     if cuda_graphs and not graphs:
-        notes.append("cuda_graphs has no effect " + ("on several processes" if distributed and
-                                                     device.type == "cuda" else f"on {device.type}"))
+        why = (f"on {device.type}" if device.type != "cuda" else "on several processes" if distributed
+               else f"with grad_accum_steps {accum} (a replay would overwrite the gradients accumulated so far)")
+        notes.append(f"cuda_graphs has no effect {why}")
     return {"enabled": enabled, "mode": mode, "cuda_graphs": graphs and enabled, "reason": reason,
             "estimated_eager_s": float(f"{estimate:.3g}") if estimate is not None else None, "notes": notes}
 
@@ -735,7 +738,8 @@ class _Loop:
         # machine has shown, cached under $SLMB_HOME, so that a busy start-up cannot make MFU exceed 100%).
         peak = trusted_peak(device, dtype, slmb_home()) * W if dist.is_main else 1.0
         compiling = compile_policy(cfg.compile, cfg.cuda_graphs, device, dist.active,
-                                   flops_per_token * B * T * accum, total_steps, peak if dist.is_main else None)
+                                   flops_per_token * B * T * accum, total_steps, peak if dist.is_main else None,
+                                   accum)
         compiling = dist.broadcast(compiling)  # rank 0's estimate decides for every rank
         for note in compiling.pop("notes"):
             self.warn(note)
