@@ -65,10 +65,13 @@ def free_port() -> int:
 
 def serve(port: int) -> None:
     """The server process: the app as ``slmb serve`` builds it, without Redis-backed training (not used here)."""
+    import logging
+
     import uvicorn
 
     from slmb.api.app import Settings, create_app
 
+    logging.getLogger("slmb.api").setLevel(logging.ERROR)  # no Redis on purpose: not its reconciler's warnings
     app = create_app(Settings.from_env(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
     for (name, _), gen in app.state.models._items.items():  # how full the batches were

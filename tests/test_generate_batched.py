@@ -15,12 +15,14 @@ import httpx
 import pytest
 import torch
 from service_fixtures import serve_in_thread, wait_until
-from test_generate import ARCHITECTURES, make
+from test_generate import ARCHITECTURES, T, make
 from toy import toy_request
 
+import slmb.core.nodes as N
 from slmb.api.app import Settings, create_app
 from slmb.api.serve import free_port
 from slmb.core.generate import BatchedGenerator, Generator, SamplingParams, load_generator
+from slmb.core.model import KVCache
 from slmb.core.tokenizers import load_tokenizer
 from slmb.core.trainer import train
 
@@ -375,3 +377,57 @@ def test_the_step_benchmark_times_the_decoding_thread():
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert (r["clients"], r["new_tokens"], r["reps"], r["sampling_call"]) == (3, 4, 2, "_sample_rows")
     assert 0 < r["wall_min_s"] <= r["wall_s"] and 0 < r["sampling_share"] < 1 and r["batched_steps"] >= 2
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_exact_rows_logits_equal_lone_decoding_bit_for_bit(arch, monkeypatch):
+    """Exact mode's logits, row by row, are the lone decode step's, whether its products ran as one batched call
+    (where the probe allowed) or row by row (forced here by a probe that always says no)."""
+    model = model_for(arch)
+    draw = torch.Generator().manual_seed(5)
+
+    def run() -> None:
+        batch = [KVCache(model, 1, T) for _ in range(5)]
+        alone = [KVCache(model, 1, T) for _ in range(5)]
+        with torch.inference_mode():
+            for i in range(5):  # prompts of different lengths: the rows sit at different positions
+                prompt = torch.randint(0, 257, (1, 2 + 3 * i), generator=draw)
+                model(prompt, batch[i])
+                model(prompt, alone[i])
+            for _ in range(4):
+                ids = torch.randint(0, 257, (5, 1), generator=draw)
+                out = model.decode_rows(ids, batch, exact=True)
+                for i in range(5):
+                    assert torch.equal(out[i], model(ids[i : i + 1], alone[i])[0])
+
+    monkeypatch.setattr(N, "_BATCH_INVARIANT", {})
+    run()
+    assert N._BATCH_INVARIANT  # the products were probed (and batched where the probe found them identical)
+
+    class Never(dict):
+        def get(self, key, default=None):
+            return False
+
+    monkeypatch.setattr(N, "_BATCH_INVARIANT", Never())
+    run()
+
+
+def test_a_batched_product_that_rounds_differently_is_not_used(monkeypatch):
+    monkeypatch.setattr(N, "_BATCH_INVARIANT", {})
+    w = torch.randn(48, 32)
+    x = torch.randn(6, 1, 32)
+    single = lambda r: torch.nn.functional.linear(r, w)  # noqa: E731
+    off = lambda rows: torch.nn.functional.linear(rows, w) * (1 + 2**-20)  # noqa: E731  (last bits differ)
+    y = N._rows_product(("t",), single, off, x)
+    assert torch.equal(y, torch.cat([single(x[i : i + 1].clone()) for i in range(6)]))
+    assert list(N._BATCH_INVARIANT.values()) == [False]
+    exact = lambda rows: torch.cat([single(rows[i : i + 1].clone()) for i in range(rows.shape[0])])  # noqa: E731
+    N._rows_product(("u",), single, exact, x)
+    assert N._BATCH_INVARIANT[("u", 6, torch.float32, x.device, torch.get_num_threads())] is True
+
+
+@pytest.mark.parametrize("width", [64, 40, 4096])  # batched; a scalar tail; more than one chunk of work
+def test_activations_of_exact_rows_round_as_one_row(width):
+    h = torch.randn(20, 1, width) * 3
+    for act in N.ACTIVATIONS.values():
+        assert torch.equal(N._rows_activation(act, h), torch.cat([act(h[i : i + 1].clone()) for i in range(20)]))

@@ -407,10 +407,11 @@ def _thread_intra_op(n: int) -> bool:
 
 class BatchedGenerator:
     """Decodes concurrent requests to one model together, in one thread of its own: one forward pass per step
-    for every sequence that is one token past its cache (``SLM.decode_rows``), each with its own sampling
-    settings, seed, stop strings and stream. Requests join between steps (their prompt is encoded alone first)
-    and leave when they end or are cancelled; at most ``max_batch`` decode at once, the rest wait in order.
-    A sequence whose window is full re-encodes it alone, as ``Generator`` does. ``threads``: intra-op threads of
+    for every sequence that is one token past its cache (``SLM.decode_rows``) and one sampling call for all
+    (``Generator._sample_rows``), each sequence with its own sampling settings, seed, stop strings and stream.
+    Requests join between steps (their prompt is encoded alone first) and leave when they end or are cancelled;
+    at most ``max_batch`` decode at once, the rest wait in order. A sequence whose window is full re-encodes it
+    alone, as ``Generator`` does. ``threads``: intra-op threads of
     the decoding thread (default: 1 for models under ``SMALL_MODEL_PARAMS`` on the CPU, else torch's setting).
 
     ``exact`` (the default): every row is computed as the sequence alone would be, so results (greedy ids,

@@ -36,8 +36,10 @@ class Rows:
     ``exact``: the nodes whose results depend on the batch's shape (products: MKL's one-row and many-row kernels
     round differently; attention over each sequence's own cache) compute each row as the sequence alone would,
     so every row is bit-identical to unbatched decoding; the rest (embeddings, norms, residual sums) run once
-    for the batch. Not exact: one batched product per linear layer (reads each weight once for the batch: the
-    faster choice for large models), last bits may differ from a lone sequence's."""
+    for the batch. A product runs as one ``bmm`` over the rows (the weight broadcast) where a probe found that
+    call bit-identical to the one-row product on every row (``_rows_product``), else row by row. Not exact: one
+    batched product per linear layer (reads each weight once for the batch: the faster choice for large models),
+    last bits may differ from a lone sequence's."""
 
     ctxs: list[Ctx]  # one per row: Ctx(pos=that sequence's position, cache=its KVCache)
     index: torch.Tensor  # (B,) the positions, on the model's device
@@ -52,6 +54,56 @@ def _row(x: torch.Tensor, i: int) -> torch.Tensor:
 
 def _per_row(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(_row(x, i)) for i in range(x.shape[0])])
+
+
+# Whether a batched product rounds every row as the one-row product does, by (product, weight shape, dtype, device,
+# batch size, intra-op threads): found by ``_rows_product``'s probe, once per process.
+_BATCH_INVARIANT: dict[tuple, bool] = {}
+
+
+def _rows_product(key: tuple, single: Callable[[torch.Tensor], torch.Tensor],
+                  batched: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Exact batched decoding's product of x (B, 1, E): ``single`` is the one-row product a lone sequence's decode
+    step computes, ``batched`` one call for all rows. The first time a key meets a batch size, a probe on random
+    rows compares the two; the batched call is used only where every row was bit-identical (a kernel's rounding
+    depends on the shapes, the batch size and the thread count it was given, not on the values). On an AMD EPYC
+    (MKL, AVX2), ``bmm`` with the weight broadcast matched ``F.linear`` on one row for every shape tried (15 shapes,
+    batches of 2-32, 1 and 2 threads); an earlier machine's did not for some (300x900, 3072x768, docs/benchmarks.md):
+    where the probe finds a difference, the layer runs row by row."""
+    x = x.contiguous()
+    k = (*key, x.shape[0], x.dtype, x.device, torch.get_num_threads())
+    same = _BATCH_INVARIANT.get(k)
+    if same is None:
+        probe = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        same = _BATCH_INVARIANT[k] = torch.equal(batched(probe), _per_row(single, probe))
+    return batched(x) if same else _per_row(single, x)
+
+
+def _rows_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` of a plain nn.Linear for every row of x (B, 1, E), each row bit-identical to its one-row
+    product (see ``_rows_product``)."""
+    w, b = layer.weight, layer.bias
+
+    def batched(rows: torch.Tensor) -> torch.Tensor:
+        wt = w.t().expand(rows.shape[0], *w.t().shape)  # (B, E, O), no copy
+        return torch.bmm(rows, wt) if b is None else torch.baddbmm(b.expand(rows.shape[0], 1, b.shape[0]), rows, wt)
+
+    return _rows_product(("linear", tuple(w.shape), w.stride(), b is not None), lambda r: F.linear(r, w, b),
+                         batched, x)
+
+
+def _plain(*layers: nn.Module) -> bool:
+    """Whether every layer is a plain nn.Linear (``_rows_linear`` applies; a user's replacement runs row by row)."""
+    return all(type(m) is nn.Linear for m in layers)
+
+
+def _rows_activation(act: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """An elementwise activation of h (B, 1, D) that rounds each row as the one-row call does. CPU kernels run
+    vector blocks (up to 2 x 16 floats) from the start of each thread's chunk, then a scalar tail whose rounding
+    (erf, tanh, exp) can differ: batched is the same when D is a multiple of 64 and the tensor is one chunk."""
+    if h.device.type != "cpu" or (h.shape[-1] % 64 == 0 and h.numel() <= 32768):  # 32768: at::internal::GRAIN_SIZE
+        return act(h)
+    return _per_row(act, h)
 
 
 class Dropout(nn.Dropout):
@@ -296,9 +348,13 @@ class Attention(nn.Module):
 
     def _forward_rows(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Batched decoding (see ``Rows``): each row attends over its own sequence's cache."""
-        if rows.exact:
-            return torch.cat([self.forward(_row(x, i), c) for i, c in enumerate(rows.ctxs)])
         B, H, KV, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if rows.exact:  # each row's products as alone (see _rows_product), its attention over its own cache
+            if not _plain(self.qkv, self.proj):
+                return torch.cat([self.forward(_row(x, i), c) for i, c in enumerate(rows.ctxs)])
+            qkv = _rows_linear(self.qkv, x).view(B, 1, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, 1, hd)
+            y = torch.cat([self._attend(_row(qkv, i), c) for i, c in enumerate(rows.ctxs)])  # (B, H, 1, hd)
+            return _rows_linear(self.proj, y.transpose(1, 2).reshape(B, 1, H * hd))
         qkv = _linear(self.qkv, x).view(B, 1, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, 1, hd)
         y = torch.cat([self._attend(qkv[i : i + 1], c) for i, c in enumerate(rows.ctxs)])  # (B, H, 1, hd)
         return _linear(self.proj, y.transpose(1, 2).reshape(B, 1, H * hd))
@@ -345,8 +401,13 @@ class FeedForward(nn.Module):
             self.out.residual_out = True
 
     def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
-        if ctx is not None and ctx.rows is not None and ctx.rows.exact:
-            return _per_row(self.forward, x)  # as each sequence alone (see Rows)
+        if ctx is not None and ctx.rows is not None and ctx.rows.exact:  # as each sequence alone (see Rows)
+            if not _plain(*((self.gate, self.up, self.down) if self.gated else (self.fc, self.out))):
+                return _per_row(self.forward, x)
+            if self.gated:
+                h = _rows_activation(self.act, _rows_linear(self.gate, x)) * _rows_linear(self.up, x)
+                return _rows_linear(self.down, h)
+            return _rows_linear(self.out, _rows_activation(self.act, _rows_linear(self.fc, x)))
         if self.gated:
             return _linear(self.down, self.act(_linear(self.gate, x)) * _linear(self.up, x))
         return _linear(self.out, self.act(_linear(self.fc, x)))
@@ -367,18 +428,28 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor, ctx: Ctx | None = None) -> torch.Tensor:
         if ctx is not None and (ctx.cache is not None or ctx.rows is not None) and not torch.is_grad_enabled():
-            if ctx.rows is not None and ctx.rows.exact:
-                return _per_row(self._decode, x)  # as each sequence alone (see Rows)
+            if ctx.rows is not None and ctx.rows.exact:  # as each sequence alone (see Rows)
+                w = self._decode_w(x.dtype)
+
+                def batched(rows: torch.Tensor) -> torch.Tensor:
+                    y = torch.bmm(rows, w.expand(rows.shape[0], *w.shape))
+                    return y + self.bias.to(x.dtype) if self.bias is not None else y
+
+                return _rows_product(("head", tuple(w.shape), self.bias is not None), self._decode, batched, x)
             return self._decode(x)
         return super().forward(x)
 
-    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+    def _decode_w(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (E, V) copy of the weight, made again when the weight has changed."""
         w = self.weight
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         if self._decode_key != key:
             self._decode_weight = w.detach().t().contiguous()  # (E, V)
             self._decode_key = key
-        y = x @ self._decode_weight.to(x.dtype)
+        return self._decode_weight.to(dtype)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ self._decode_w(x.dtype)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
 
