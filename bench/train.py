@@ -1,7 +1,9 @@
 """Training throughput of one peer on the GPT-2 benchmark shape, in this process; prints one JSON line.
 
-Shape: vocab 50257, emb 256, 4 blocks, 4 heads, context 128, batch 8, dropout 0.1, AdamW + clip 1.0 (all peers
-use ``trainer.make_optimizer``'s parameter groups; fused kernels for slmb, torch's default for the peers). Peers:
+Shape (``--shape bench``, the default): vocab 50257, emb 256, 4 blocks, 4 heads, context 128, batch 8, dropout 0.1,
+AdamW + clip 1.0 (all peers use ``trainer.make_optimizer``'s parameter groups; fused kernels for slmb, torch's default
+for the peers). ``--shape gpt2-124m`` is GPT-2 small (emb 768, 12 blocks, 12 heads, context 1024; what
+bench/gpu_training.py runs the nanoGPT peer at); ``--ctx/--emb/--layers/--heads`` override one dimension. Peers:
 
 - ``slmb``: the model compiled from its canvas JSON (``tests/hf_convert.gpt2_body``) and stepped by the trainer's
   own ``TrainStep`` after ``runtime.prepare_device`` (threads, allocator), with ``autocast_for``'s precision.
@@ -33,7 +35,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the HF <-> slmb canvas mapping
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPE = dict(vocab=50257, emb=256, layers=4, heads=4, ctx=128)
+SHAPES = {"bench": dict(vocab=50257, emb=256, layers=4, heads=4, ctx=128),
+          "gpt2-124m": dict(vocab=50257, emb=768, layers=12, heads=12, ctx=1024)}
+SHAPE = SHAPES["bench"]
 
 
 def flops_per_token(n_params: int, layers: int, emb: int, ctx: int) -> float:
@@ -51,6 +55,9 @@ def main() -> None:
     ap.add_argument("--adam", choices=["fused", "default"], default=None,
                     help="default: fused for slmb (make_optimizer's choice); torch's default for the peers, fused on "
                          "CUDA only (nanoGPT's choice)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="bench")
+    for dim in ("ctx", "emb", "layers", "heads"):
+        ap.add_argument(f"--{dim}", type=int, default=None, help=f"override the shape's {dim}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -76,7 +83,9 @@ def main() -> None:
     elif alloc == "mallopt":
         keep_freed_memory()
 
-    V, E, L, H, T, B = SHAPE["vocab"], SHAPE["emb"], SHAPE["layers"], SHAPE["heads"], SHAPE["ctx"], args.batch
+    shape = {**SHAPES[args.shape], **{k: getattr(args, k) for k in ("ctx", "emb", "layers", "heads")
+                                       if getattr(args, k) is not None}}
+    V, E, L, H, T, B = shape["vocab"], shape["emb"], shape["layers"], shape["heads"], shape["ctx"], args.batch
     torch.manual_seed(0)
     if args.peer == "slmb":
         from hf_convert import gpt2_body
@@ -137,18 +146,20 @@ def main() -> None:
         loss, _ = step([batches[i % len(batches)]], 3e-4)
         losses.append(loss.item())  # a sync point, as the trainer's loss check is
         sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
+    warmup_times, times = times[:args.warmup], times[args.warmup:]
     n_params = V * E + L * (12 * E * E + 13 * E) + 2 * E  # tied head + blocks + final norm (no position table)
     tps = B * T * len(times) / sum(times)
     fpt = flops_per_token(n_params, L, E, T)
-    out = {"peer": args.peer, "dtype": dtype, "alloc": alloc if device.type == "cpu" else "cuda",
+    out = {"peer": args.peer, "shape": shape, "dtype": dtype, "alloc": alloc if device.type == "cpu" else "cuda",
            "loss": args.loss if args.peer == "slmb" else "full", "adam": adam, "compile": args.compile,
            "compile_mode": args.compile_mode or ("default" if args.compile else None),
            "device": str(device),
            "batch": B, "threads": torch.get_num_threads(), "tokens_per_s": tps,
-           "step_s_median": statistics.median(times), "flops_per_token": fpt, "flops_per_s": fpt * tps,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses[:2]}
+           "steps": len(times), "step_s_median": statistics.median(times), "warmup_step_s": warmup_times,
+           "flops_per_token": fpt, "flops_per_s": fpt * tps,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses[:2],
+           "loss_last": losses[-1]}
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["gpu"] = torch.cuda.get_device_name()

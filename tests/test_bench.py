@@ -136,3 +136,81 @@ def test_loop_overhead_benchmark_times_the_bare_step_and_the_whole_loop(tmp_path
     assert calls["events"] >= 4  # started is before the clock; step + progress for the first and last, eval, ...
     assert loop["parts_s_per_100_steps"]["step"] <= loop["loop_s"] * 100 / 20
     assert loop["val_loss"] is not None and 0 < loop["val_loss"] < math.log(257) + 1
+
+
+def _step(step: int, steps: int, seconds: float, ts: float) -> dict:
+    """A step event whose tokens/s covers ``steps`` steps of 256 tokens in ``seconds``, stamped ``ts``."""
+    return {"event": "step", "data": {"step": step, "tokens_per_sec": steps * 256 / seconds, "ts": ts,
+                                      "loss": 10.0 - step / 10}}
+
+
+def test_gpu_training_steady_numbers_leave_out_the_compile_and_the_evaluation():
+    import gpu_training
+
+    started = {"batch_size": 4, "context_length": 64, "flops_per_token": 1000, "peak_flops": 1e6,
+               "parameters": 10, "dtype": "bf16", "device": "cpu", "compile": {"enabled": True}}
+    events = [{"event": "started", "data": started},
+              _step(1, 1, 10.0, 100.0),  # the compile: 10 s for the first step
+              _step(5, 4, 0.4, 100.5), _step(10, 5, 0.5, 101.0), _step(15, 5, 0.5, 101.5),
+              {"event": "eval", "data": {"ts": 104.0}},  # the last step's event comes after the evaluation (2 s)
+              _step(20, 5, 0.5, 104.0)]
+    s = gpu_training.slmb_stats(events, skip=5)
+    assert s["steady_steps"] == 15 and s["steps"] == 20
+    assert s["tokens_per_s_busy"] == pytest.approx(2560)
+    # wall clock from the event of step 5 to that of step 15 (the evaluation stays out): 10 steps in 1 s
+    assert s["tokens_per_s_wall"] == pytest.approx(2560) and s["tokens_per_s"] == s["tokens_per_s_wall"]
+    assert s["step_s"] == pytest.approx(0.1) and s["first_step_s"] == pytest.approx(10.0)
+    assert s["compile_s"] == pytest.approx(9.9) and s["warmup_extra_s"] == pytest.approx(9.9)
+    assert s["final_eval_s"] == pytest.approx(2.0)
+    assert s["loss_first"] == 9.9 and s["loss_last"] == 8.0
+    eager = {"status": "ok", "step_s": 0.2, "warmup_extra_s": 0.5, "final_eval_s": 1.0}
+    # 10.4 s more warm-up and evaluation, 0.1 s saved a step: the compiled run is ahead from step 104 on
+    assert gpu_training.break_even({**s, "status": "ok"}, eager) == 104
+    assert gpu_training.break_even({**s, "status": "ok"}, {**eager, "step_s": 0.05}) == "never"
+    assert gpu_training.break_even({**s, "status": "failed"}, eager) is None
+
+
+def test_gpu_training_smoke_runs_every_variant_side_by_side(tmp_path):
+    """bench/gpu_training.py --smoke: the GPU session's flow on the CPU at a toy shape (about two minutes)."""
+    out = tmp_path / "gpu_training.json"
+    proc = _run("gpu_training.py", "--smoke", "--batches", "60000,4", "--json", str(out),
+                "--logs", str(tmp_path / "logs"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    # the memory estimate refuses 60,000 rows of context 64 on this machine; 4 fits
+    from slmb.core.memory import machine_memory
+
+    assert data["batch_candidates"] == [4] and data["estimated_peak_mib"]["60000"] > machine_memory() / 2**20
+    results = data["results"]
+    assert list(results) == ["eager", "nano", "graphs", "compile"]
+    for variant, r in results.items():
+        assert r["status"] == "ok", (variant, r)
+        assert r["batch"] == 4 and r["context_length"] == 64 and r["dtype"] == "bf16" and r["device"] == "cpu"
+        assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["flops_per_token"] > 0 and 0 < r["loss_last"] < math.log(50257) + 1
+    for variant in ("eager", "graphs", "compile"):
+        r = results[variant]
+        assert r["steps"] == 30 and r["steady_steps"] >= 1 and r["first_step_s"] > 0
+        assert r["compile"]["enabled"] is (variant != "eager")
+        assert r["tokens_per_s_busy"] > 0
+    assert results["nano"]["steady_steps"] == 30 - 6 and results["nano"]["compile"]["enabled"] is False
+    assert all(isinstance(results[v]["pays_after_steps"], int) or results[v]["pays_after_steps"] == "never"
+               for v in ("graphs", "compile"))
+    assert data["peak_flops"] > 0
+    # one table row per variant, each with its numbers; the ratio column divides by the nanoGPT-style peer
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in data["table"].splitlines()[2:])}
+    labels = ["slmb train, eager", "nanoGPT-style peer", "slmb train, compile + CUDA graphs", "slmb train, compile"]
+    assert list(rows) == labels
+    nano_tps = results["nano"]["tokens_per_s"]
+    for label, variant in zip(labels, results, strict=True):
+        r = results[variant]
+        batch, tps, flops, mfu, ratio = rows[label][:5]
+        assert batch == "4" and tps == f"{r['tokens_per_s']:,.0f}"
+        assert flops == f"{r['tokens_per_s'] * r['flops_per_token'] / 1e9:.1f}"
+        assert ratio == f"{r['tokens_per_s'] / nano_tps:.2f}x"
+        share = r["tokens_per_s"] * r["flops_per_token"] / data["peak_flops"]
+        assert mfu == (f"{share:.1%}" if share <= 1 else ">100% (peak measured low)")
+    assert data["table"] in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "logs").glob("*.out")) == [
+        "compile-b4.out", "eager-b4.out", "graphs-b4.out", "nano-b4.out"]
