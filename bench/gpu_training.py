@@ -261,6 +261,34 @@ def run_nano(args: argparse.Namespace, batch: int, env: dict, work: Path, timeou
     return {**rec, **nano_stats(json.loads(res["stdout"].strip().splitlines()[-1])), "status": "ok"}
 
 
+def run_all(variants: list[str], fits: list[int], run_variant: Any, timeouts: dict[str, float],
+            budget: float) -> dict[str, dict]:
+    """Each variant in turn, by ``run_variant(variant, batch, timeout) -> result``, within ``budget`` seconds.
+
+    The first variant tries the batches that fit from the largest down; a run that failed for memory (refused by
+    the estimate, or out of memory) is retried one batch size down, any other failure is reported as it is. The
+    later variants start at the first one's batch."""
+    deadline = time.monotonic() + budget
+    results: dict[str, dict] = {}
+    batch = fits[0]
+    for variant in variants:
+        candidates = fits if variant == variants[0] else [b for b in fits if b <= batch] or fits[-1:]
+        for b in candidates:  # each retry costs a start-up (and a compile)
+            timeout = min(timeouts[variant], deadline - time.monotonic())
+            if timeout < 10:
+                results[variant] = {"batch": b, "status": "failed", "error": "no time left in --budget"}
+                break
+            r = results[variant] = run_variant(variant, b, timeout)
+            if r["status"] == "ok" or not any(m in r.get("error", "") for m in MEMORY_FAILURES):
+                break
+        r = results[variant]
+        if variant == variants[0] and r["status"] == "ok":
+            batch = r["batch"]
+        print(f"{variant}: {r['status']}" + (f", {r['tokens_per_s']:,.0f} tokens/s at batch {r['batch']}"
+                                             if r["status"] == "ok" else f" ({r.get('error')})"), flush=True)
+    return results
+
+
 def break_even(compiled: dict, eager: dict) -> float | str | None:
     """Steps from which the compiled run takes less time than the eager one ("never"; None: unknown)."""
     if compiled.get("status") != "ok" or eager.get("status") != "ok":
@@ -372,30 +400,14 @@ def main() -> None:
     print(f"# {info.get('gpu') or info.get('cpu')}, torch {info['torch']}, {info['date']}; context {args.ctx}, "
           f"batches that fit (estimate): {fits}; work folder {work}", flush=True)
 
-    deadline = time.monotonic() + args.budget
-    results: dict[str, dict] = {}
-    batch = fits[0]  # the first variant's batch, once it ran: the others start there
-    for variant in variants:
-        candidates = fits if variant == variants[0] else [b for b in fits if b <= batch] or fits[-1:]
-        for b in candidates:  # a memory failure steps the batch down (each retry costs a start-up)
-            timeout = min(preset["timeouts"][variant], deadline - time.monotonic())
-            if timeout < 10:
-                results[variant] = {"batch": b, "status": "failed", "error": "no time left in --budget"}
-                break
-            env_v = {**env, "TORCHINDUCTOR_CACHE_DIR": str(work / ("inductor" if args.warm_cache or args.smoke
-                                                                   else f"inductor-{variant}-b{b}"))}
-            if variant == "nano":
-                r = run_nano(args, b, env_v, work, timeout)
-            else:
-                r = run_slmb(variant, args, shared, b, env_v, work, timeout)
-            results[variant] = r
-            if r["status"] == "ok" or not any(m in r.get("error", "") for m in MEMORY_FAILURES):
-                break
-        r = results[variant]
-        if variant == variants[0]:
-            batch = r["batch"] if r["status"] == "ok" else fits[0]
-        print(f"{variant}: {r['status']}" + (f", {r['tokens_per_s']:,.0f} tokens/s at batch {r['batch']}"
-                                             if r["status"] == "ok" else f" ({r.get('error')})"), flush=True)
+    def run_variant(variant: str, batch: int, timeout: float) -> dict:
+        cache = "inductor" if args.warm_cache or args.smoke else f"inductor-{variant}-b{batch}"
+        env_v = {**env, "TORCHINDUCTOR_CACHE_DIR": str(work / cache)}
+        if variant == "nano":
+            return run_nano(args, batch, env_v, work, timeout)
+        return run_slmb(variant, args, shared, batch, env_v, work, timeout)
+
+    results = run_all(variants, fits, run_variant, preset["timeouts"], args.budget)
     for variant in ("graphs", "compile"):
         if variant in results and "eager" in results:
             results[variant]["pays_after_steps"] = break_even(results[variant], results["eager"])
@@ -405,7 +417,11 @@ def main() -> None:
     notes = []
     for variant in ("graphs", "compile"):
         r = results.get(variant, {})
-        if r.get("status") == "ok" and r.get("compile") is None:
+        chosen = r.get("compile")
+        if r.get("status") == "ok" and chosen is not None and (
+                not chosen.get("enabled") or bool(chosen.get("cuda_graphs")) != (variant == "graphs")):
+            notes.append(f"{variant}: the trainer chose {chosen} (not what the variant asked for)")
+        if r.get("status") == "ok" and chosen is None:
             notes.append(f"{variant}: the trainer reported no `compile` on its started event (a trainer older than "
                          "the compile/cuda_graphs keys: cuda_graphs may have been ignored)")
         for w in r.get("warnings", []):

@@ -170,6 +170,31 @@ def test_gpu_training_steady_numbers_leave_out_the_compile_and_the_evaluation():
     assert gpu_training.break_even({**s, "status": "failed"}, eager) is None
 
 
+def test_gpu_training_steps_the_batch_down_after_a_memory_failure_only():
+    import gpu_training
+
+    calls = []
+
+    def fake(variant, batch, timeout):
+        calls.append((variant, batch))
+        if variant == "eager" and batch == 64:  # refused by the estimate at start-up
+            return {"batch": batch, "status": "failed", "error": "exit 1: training needs about 150 GiB of GPU"}
+        if variant == "graphs" and batch == 32:
+            return {"batch": batch, "status": "failed", "error": "exit 1: torch.OutOfMemoryError: CUDA out of memory"}
+        if variant == "compile":
+            return {"batch": batch, "status": "failed", "error": "exit 1: InductorError: something else"}
+        return {"batch": batch, "status": "ok", "tokens_per_s": 1000.0}
+
+    timeouts = dict.fromkeys(gpu_training.LABELS, 60)
+    results = gpu_training.run_all(["eager", "nano", "graphs", "compile"], [64, 32, 16], fake, timeouts, 600)
+    # eager finds 32; the others start there; graphs runs out of memory and retries at 16; compile fails for
+    # another reason and is not retried
+    assert calls == [("eager", 64), ("eager", 32), ("nano", 32), ("graphs", 32), ("graphs", 16), ("compile", 32)]
+    assert {v: (r["status"], r["batch"]) for v, r in results.items()} == {
+        "eager": ("ok", 32), "nano": ("ok", 32), "graphs": ("ok", 16), "compile": ("failed", 32)}
+    assert gpu_training.run_all(["eager"], [64], fake, timeouts, 5)["eager"]["error"] == "no time left in --budget"
+
+
 def test_gpu_training_smoke_runs_every_variant_side_by_side(tmp_path):
     """bench/gpu_training.py --smoke: the GPU session's flow on the CPU at a toy shape (about two minutes)."""
     out = tmp_path / "gpu_training.json"
