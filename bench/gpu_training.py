@@ -20,7 +20,8 @@ or out of memory is retried at the next smaller batch.
 Numbers, from the step events after step ``--skip`` (compiling, CUDA-graph recording and warm-up come before):
 
 - tokens/s: tokens of the steady steps over the wall time between their step events (the trainer's own busy-time
-  figure is in the JSON too); nanoGPT: its timed steps (each ends with the loss on the host, as slmb's loop);
+  figure is in the JSON too); the peer: its timed steps queued back to back, their losses read after the last
+  (``--window``: no host sync per step, as nanoGPT's own loop and slmb's loop on CUDA);
 - model TFLOP/s = tokens/s x training FLOPs per token (6 per matrix weight + attention: PaLM's estimate, as
   nanoGPT's); MFU = that over the best bf16 matmul peak any run here measured (``runtime.trusted_peak``);
 - compile s = first step time - a steady step time; "pays after" = the run length (steps) from which the compiled
@@ -253,7 +254,7 @@ def run_nano(args: argparse.Namespace, batch: int, env: dict, work: Path, timeou
     cmd = [sys.executable, str(HERE / "train.py"), "--peer", "nano", "--shape", "gpt2-124m", "--ctx", str(args.ctx),
            *dims, "--device", args.device, "--dtype", "bf16", *(["--compile"] if args.nano_compile else []),
            "--batch", str(batch),
-           "--steps", str(args.steps - args.skip), "--warmup", str(args.skip)]
+           "--steps", str(args.steps - args.skip), "--warmup", str(args.skip), "--window"]
     res = run(cmd, env, timeout, work / f"nano-b{batch}")
     rec: dict[str, Any] = {"batch": batch, "wall_s": res["wall_s"], "rc": res["rc"], "command": " ".join(cmd[1:])}
     if (why := failure(res, timeout)) is not None:
@@ -412,7 +413,13 @@ def main() -> None:
         if variant in results and "eager" in results:
             results[variant]["pays_after_steps"] = break_even(results[variant], results["eager"])
     peaks = [r["peak_flops"] for r in results.values() if r.get("status") == "ok" and r.get("peak_flops")]
-    peak = max(peaks, default=None)
+    peak, peak_source = max(peaks, default=None), "the best the slmb runs measured (runtime.trusted_peak)"
+    if peak is None:  # no slmb run got as far as its started event: measure here, as the trainer would
+        import torch
+
+        from slmb.core.runtime import matmul_peak
+
+        peak, peak_source = matmul_peak(torch.device(args.device), "bf16"), "measured here (runtime.matmul_peak)"
     text = table(results, peak, args.device.startswith("cuda"))
     notes = []
     for variant in ("graphs", "compile"):
@@ -427,14 +434,14 @@ def main() -> None:
         for w in r.get("warnings", []):
             notes.append(f"{variant}: warning: {w}")
     unit, scale = ("TFLOP/s", 1e12) if args.device.startswith("cuda") else ("GFLOP/s", 1e9)
-    print(f"\nbf16 matmul peak (best measured by the runs): {fmt(peak and peak / scale, ',.1f')} {unit}\n")
+    print(f"\nbf16 matmul peak: {fmt(peak / scale, ',.1f')} {unit}, {peak_source}\n")
     print(text)
     for n in notes:
         print(f"\n- {n}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps({**info, "peak_flops": peak, "results": results, "table": text,
-                                         "notes": notes}, indent=1, default=str))
+        json_path.write_text(json.dumps({**info, "peak_flops": peak, "peak_source": peak_source, "results": results,
+                                         "table": text, "notes": notes}, indent=1, default=str))
         print(f"\nJSON: {json_path}")
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--window", action="store_true",
+                    help="time the timed steps as one window, reading their losses after it (no host sync per step, "
+                         "as nanoGPT's loop); default: each step alone, its loss read at once")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
@@ -141,19 +144,25 @@ def main() -> None:
                for _ in range(4)]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times, losses = [], []
-    for i in range(args.warmup + args.steps):
+    for i in range(args.warmup if args.window else args.warmup + args.steps):
         t0 = time.perf_counter()
         loss, _ = step([batches[i % len(batches)]], 3e-4)
-        losses.append(loss.item())  # a sync point, as the trainer's loss check is
+        losses.append(loss.item())  # a sync point, as the trainer's loss check was
         sync()
         times.append(time.perf_counter() - t0)
+    if args.window:  # the timed steps queued back to back, their losses read after the last
+        t0 = time.perf_counter()
+        pending = [step([batches[i % len(batches)]], 3e-4)[0] for i in range(args.warmup, args.warmup + args.steps)]
+        losses += [loss.item() for loss in pending]
+        sync()
+        times += [(time.perf_counter() - t0) / args.steps] * args.steps
     warmup_times, times = times[:args.warmup], times[args.warmup:]
     n_params = V * E + L * (12 * E * E + 13 * E) + 2 * E  # tied head + blocks + final norm (no position table)
     tps = B * T * len(times) / sum(times)
     fpt = flops_per_token(n_params, L, E, T)
     out = {"peer": args.peer, "shape": shape, "dtype": dtype, "alloc": alloc if device.type == "cpu" else "cuda",
            "loss": args.loss if args.peer == "slmb" else "full", "adam": adam, "compile": args.compile,
-           "compile_mode": args.compile_mode or ("default" if args.compile else None),
+           "compile_mode": args.compile_mode or ("default" if args.compile else None), "window": args.window,
            "device": str(device),
            "batch": B, "threads": torch.get_num_threads(), "tokens_per_s": tps,
            "steps": len(times), "step_s_median": statistics.median(times), "warmup_step_s": warmup_times,
