@@ -181,11 +181,15 @@ def test_batched_sampling_equals_each_row_alone_and_the_one_row_multinomial(widt
 def test_a_row_with_nonfinite_logits_fails_only_its_request():
     model = model_for("gpt2")
     gen = Generator(model, load_tokenizer("byte"))
-    logits = torch.randn(2, 300)
-    logits[0, 5] = float("nan")
     rows = [(None, SamplingParams(seed=s), torch.Generator().manual_seed(s)) for s in range(2)]
-    with pytest.raises(ValueError, match="not finite"):
-        gen._sample_rows(logits, rows)
+    for bad in (float("nan"), float("inf")):
+        logits = torch.randn(2, 300)
+        logits[0, 5] = bad
+        with pytest.raises(ValueError, match="not finite"):
+            gen._sample_rows(logits, rows)
+    # refused before any draw: the generators are where they started
+    assert [r[2].get_state().tolist() for r in rows] == \
+        [torch.Generator().manual_seed(s).get_state().tolist() for s in range(2)]
     decode_rows = model.decode_rows
 
     def poisoned(ids, caches, exact=True):  # the first batched step gives row 0 non-finite logits

@@ -153,7 +153,11 @@ class Generator:
         one-row ``torch.multinomial`` this replaced. Greedy rows (temperature 0) take the first maximum."""
         logits = logits[:, : self.valid_vocab].float()  # (B, V')
         device = logits.device
-        penal = [i for i, (seen, _, _) in enumerate(rows) if seen is not None]
+        penal, greedy, drawn = [], [], []
+        for i, (seen, p, _) in enumerate(rows):
+            if seen is not None:
+                penal.append(i)
+            (greedy if p.temperature == 0 else drawn).append(i)
         if penal:  # CTRL-style repetition penalty, as Hugging Face applies it
             idx = torch.tensor(penal, device=device)
             sub = logits.index_select(0, idx)
@@ -162,7 +166,6 @@ class Generator:
             penalized = torch.where(sub > 0, sub / rp, sub * rp)
             logits = logits.index_copy(0, idx, torch.where(seen, penalized, sub))
         tokens = [0] * len(rows)
-        greedy = [i for i, (_, p, _) in enumerate(rows) if p.temperature == 0]
         if greedy:
             top = logits if len(greedy) == len(rows) else logits[greedy]
             if device.type == "cpu":  # numpy's argmax: 3 µs over GPT-2's vocabulary, torch's CPU one 70
@@ -171,7 +174,6 @@ class Generator:
                 ids = top.argmax(1).tolist()
             for i, t in zip(greedy, ids, strict=True):
                 tokens[i] = t
-        drawn = [i for i, (_, p, _) in enumerate(rows) if p.temperature != 0]
         if not drawn:
             return tokens
         params = [rows[i][1] for i in drawn]
@@ -180,9 +182,12 @@ class Generator:
         ks = [min(p.top_k, self.valid_vocab) if p.top_k else 0 for p in params]
         if any(ks):
             top = torch.topk(x, max(ks)).values  # (S, kmax), descending
-            kth = top.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=device))
-            if not all(ks):  # rows without top_k keep every logit
-                kth = kth.masked_fill(torch.tensor([[k == 0] for k in ks], device=device), float("-inf"))
+            if len(set(ks)) == 1:  # one k for all (a lone request, the common case): no index tensor
+                kth = top[:, -1:]
+            else:
+                kth = top.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=device))
+                if not all(ks):  # rows without top_k keep every logit
+                    kth = kth.masked_fill(torch.tensor([[k == 0] for k in ks], device=device), float("-inf"))
             x = x.masked_fill(x < kth, float("-inf"))
         nucleus = [j for j, p in enumerate(params) if p.top_p is not None and p.top_p < 1.0]
         if nucleus:  # keep the smallest prefix (by probability) reaching top_p
@@ -193,18 +198,26 @@ class Generator:
             sub = sub.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
             x = sub if len(nucleus) == len(params) else x.index_copy(0, torch.tensor(nucleus, device=device), sub)
         probs = x.softmax(-1)
-        if not bool(torch.isfinite(probs).all()):
+        # A nan or +inf logit (or none finite) makes its whole row nan; torch.multinomial refused such rows too.
+        # Checked before any generator draws, so a retry (row by row) draws what the first attempt would have.
+        if any(v != v for v in probs[:, 0].tolist()):
             raise ValueError("the probabilities are not finite (the model's logits hold inf or nan)")
         noise = torch.empty_like(probs)
-        for j, i in enumerate(drawn):
-            noise[j].exponential_(generator=rows[i][2])
-        for i, t in zip(drawn, (probs / noise).argmax(1).tolist(), strict=True):
+        if len(drawn) == 1:
+            noise.exponential_(generator=rows[drawn[0]][2])
+        else:
+            for j, i in enumerate(drawn):
+                noise[j].exponential_(generator=rows[i][2])
+        for i, t in zip(drawn, torch.div(probs, noise, out=noise).argmax(1).tolist(), strict=True):
             tokens[i] = t
         return tokens
 
 
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    """Per-row settings as an fp32 (B, 1) column, to divide or compare the rows of (B, V) logits by."""
+def _column(values: list[float], device: torch.device) -> torch.Tensor | float:
+    """Per-row settings as an fp32 (B, 1) column, to divide or compare the rows of (B, V) logits by; one value
+    for all rows stays a Python number (the same fp32 operation, without making a tensor)."""
+    if all(v == values[0] for v in values):
+        return values[0]
     return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
