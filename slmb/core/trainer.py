@@ -15,7 +15,10 @@ numbers in docs/benchmarks.md).
 
 Speed. The loss comes from ``SLM.loss``, which never materialises the full logits; ``runtime.prepare_device``
 sets threads and keeps glibc from returning freed memory to the kernel; ``TrainStep`` is the whole step, shared
-with ``bench/train.py`` so the benchmark measures this code.
+with ``bench/train.py`` so the benchmark measures this code. On CUDA the loop never waits for the step it has
+just queued (``Readback``: each step's loss reaches the host a step late) and a thread prepares the next batches in
+page-locked memory (``data.Prefetcher``); ``compile_policy`` decides whether to torch.compile the loss (and replay
+it as CUDA graphs).
 """
 
 from __future__ import annotations
