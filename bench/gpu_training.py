@@ -229,12 +229,12 @@ def nano_stats(out: dict) -> dict:
             "peak_gpu_mb": out.get("peak_gpu_mb"), "peak_rss_mb": out.get("peak_rss_mb")}
 
 
-def run_slmb(variant: str, args: argparse.Namespace, shared: Path, batch: int, env: dict, work: Path,
+def run_slmb(variant: str, args: argparse.Namespace, shared: Path, batch: int, env: dict, logs: Path,
              timeout: float) -> dict:
-    req = work / f"{variant}-b{batch}.json"
+    req = logs / f"{variant}-b{batch}.json"
     req.write_text(json.dumps(request(shared, args.ctx, batch, args.steps, args.device, args.smoke, variant)))
     res = run([sys.executable, "-c", CHILD, "train", str(req), "--json", "--no-track"], env, timeout,
-              work / f"{variant}-b{batch}")
+              logs / f"{variant}-b{batch}")
     rec: dict[str, Any] = {"batch": batch, "wall_s": res["wall_s"], "rc": res["rc"], "request": str(req)}
     peak = [ln for ln in res["stderr"].splitlines() if ln.startswith("BENCH_PEAK ")]
     if peak:
@@ -248,14 +248,14 @@ def run_slmb(variant: str, args: argparse.Namespace, shared: Path, batch: int, e
         return {**rec, "status": "failed", "error": f"no usable step events ({type(exc).__name__}: {exc})"}
 
 
-def run_nano(args: argparse.Namespace, batch: int, env: dict, work: Path, timeout: float) -> dict:
+def run_nano(args: argparse.Namespace, batch: int, env: dict, logs: Path, timeout: float) -> dict:
     dims = ["--emb", str(SMOKE_SHAPE["emb"]), "--layers", str(SMOKE_SHAPE["blocks"]),
             "--heads", str(SMOKE_SHAPE["heads"])] if args.smoke else []
     cmd = [sys.executable, str(HERE / "train.py"), "--peer", "nano", "--shape", "gpt2-124m", "--ctx", str(args.ctx),
            *dims, "--device", args.device, "--dtype", "bf16", *(["--compile"] if args.nano_compile else []),
            "--batch", str(batch),
            "--steps", str(args.steps - args.skip), "--warmup", str(args.skip), "--window"]
-    res = run(cmd, env, timeout, work / f"nano-b{batch}")
+    res = run(cmd, env, timeout, logs / f"nano-b{batch}")
     rec: dict[str, Any] = {"batch": batch, "wall_s": res["wall_s"], "rc": res["rc"], "command": " ".join(cmd[1:])}
     if (why := failure(res, timeout)) is not None:
         return {**rec, "status": "failed", "error": why}
@@ -362,7 +362,8 @@ def main() -> None:
     ap.add_argument("--nano-compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the nanoGPT peer (default: yes; --smoke: no, a CPU compile takes a minute)")
     ap.add_argument("--json", type=Path, default=None, help="default: $OUT/gpu_training.json when $OUT is set")
-    ap.add_argument("--logs", type=Path, default=None, help="copy each run's request, events and stderr here")
+    ap.add_argument("--logs", type=Path, default=None, help="write each run's request, events and stderr here "
+                                                             "(default: the work folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (SLMB_HOME with the trained models, "
                                                          "Inductor caches, logs); removed by default")
     args = ap.parse_args()
@@ -401,12 +402,22 @@ def main() -> None:
     print(f"# {info.get('gpu') or info.get('cpu')}, torch {info['torch']}, {info['date']}; context {args.ctx}, "
           f"batches that fit (estimate): {fits}; work folder {work}", flush=True)
 
+    logs = args.logs or work  # each run's request, events and stderr, written as it runs
+    logs.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict] = {}
+
     def run_variant(variant: str, batch: int, timeout: float) -> dict:
         cache = "inductor" if args.warm_cache or args.smoke else f"inductor-{variant}-b{batch}"
         env_v = {**env, "TORCHINDUCTOR_CACHE_DIR": str(work / cache)}
         if variant == "nano":
-            return run_nano(args, batch, env_v, work, timeout)
-        return run_slmb(variant, args, shared, batch, env_v, work, timeout)
+            r = run_nano(args, batch, env_v, logs, timeout)
+        else:
+            r = run_slmb(variant, args, shared, batch, env_v, logs, timeout)
+        done[variant] = r
+        if json_path:  # what has run so far survives a session cut short
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({**info, "partial": True, "results": done}, indent=1, default=str))
+        return r
 
     results = run_all(variants, fits, run_variant, preset["timeouts"], args.budget)
     for variant in ("graphs", "compile"):
@@ -443,11 +454,8 @@ def main() -> None:
         json_path.write_text(json.dumps({**info, "peak_flops": peak, "peak_source": peak_source, "results": results,
                                          "table": text, "notes": notes}, indent=1, default=str))
         print(f"\nJSON: {json_path}")
-    if args.logs:
-        args.logs.mkdir(parents=True, exist_ok=True)
-        for f in [*work.glob("*.out"), *work.glob("*.err"), *work.glob("*.json"), work / "home" / "peaks.json"]:
-            if f.is_file():
-                shutil.copy(f, args.logs / f.name)
+    if args.logs and (work / "home" / "peaks.json").is_file():
+        shutil.copy(work / "home" / "peaks.json", args.logs / "peaks.json")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,31 @@ def test_gpu_training_steps_the_batch_down_after_a_memory_failure_only():
     assert gpu_training.run_all(["eager"], [64], fake, timeouts, 5)["eager"]["error"] == "no time left in --budget"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_gpu_training_a_run_past_its_timeout_is_ended_with_its_children(tmp_path):
+    import gpu_training
+
+    pid_file = tmp_path / "grandchild.pid"
+    res = gpu_training.run(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; echo started; wait"], dict(os.environ),
+                           2, tmp_path / "slow")
+    assert res["rc"] is None and res["wall_s"] < 30 and res["stdout"] == "started\n"
+    assert gpu_training.failure(res, 2) == "timed out after 2 s"
+    grandchild = int(pid_file.read_text())  # the process group went with it (a zombie at most, until reaped)
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+    done = gpu_training.run([sys.executable, "-c", "import sys; print('x', file=sys.stderr); sys.exit(3)"],
+                            dict(os.environ), 30, tmp_path / "fails")
+    assert gpu_training.failure(done, 30) == "exit 3: x"
+
+
 def test_gpu_training_smoke_runs_every_variant_side_by_side(tmp_path):
     """bench/gpu_training.py --smoke: the GPU session's flow on the CPU at a toy shape (about two minutes)."""
     out = tmp_path / "gpu_training.json"
@@ -202,6 +228,7 @@ def test_gpu_training_smoke_runs_every_variant_side_by_side(tmp_path):
                 "--logs", str(tmp_path / "logs"), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
+    assert "partial" not in data  # the file written after each variant is replaced by the whole run's
     # the memory estimate refuses 60,000 rows of context 64 on this machine; 4 fits
     from slmb.core.memory import machine_memory
 
