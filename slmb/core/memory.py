@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slmb.core.compiler import Plan, PlanNode
-from slmb.core.model import CE_CHUNK_ELEMENTS, CUDA_FULL_LOGITS_MAX
+from slmb.core.model import CUDA_FULL_LOGITS_MAX, ce_chunk_rows
 
 # What a run takes besides its tensors. CPU: a worker with torch, slmb and MLflow imported (420 MiB measured on
 # this project's machine) plus what a run of a tiny model adds (150 MiB: lazy imports, the dataset and its tokens,
@@ -221,8 +221,11 @@ def estimate(p: Plan, parameters: int, matrix_parameters: int, device: str | Non
         # Each copy keeps only its (fp32) input; backward recomputes one copy's activations at a time.
         per_copy = [sum(saved(n) for n in nodes) for _, nodes in copies]
         activations += (sum(N * width * 4 for width, _ in copies) + max(per_copy) - sum(per_copy))
+    # compile "auto" decides at run time (trainer.compile_policy): the estimate takes the larger of both losses.
+    compiled = (False, True) if cfg.compile == "auto" and not cfg.cuda_graphs \
+        else (cfg.compile is True or cfg.cuda_graphs,)
     if head is not None:
-        loss = _loss_head(head, N, kind, low, bool(cfg.compile), tied=head.args["weight_tying"])
+        loss = max(_loss_head(head, N, kind, low, c, tied=head.args["weight_tying"]) for c in compiled)
     else:  # no linear head: full logits and F.cross_entropy (logits, their fp32 copy, log-softmax, its gradient)
         loss = N * (p.vocab_size or 0) * (acts.s + 12)
     # FSDP's mixed precision gathers the parameters already in the compute dtype: autocast has nothing to cast.
@@ -230,7 +233,7 @@ def estimate(p: Plan, parameters: int, matrix_parameters: int, device: str | Non
     training = activations + loss + casts
     widest = max((w for n in trunk for w in (n.in_width or 0, n.out_width or 0)), default=0)
     evaluation = (max(kept, default=0) + 2 * N * widest * 4
-                  + _loss_head(head, N, kind, low, bool(cfg.compile), tied=False, grad=False))
+                  + max(_loss_head(head, N, kind, low, c, tied=False, grad=False) for c in compiled))
     passes = ({"activations": activations, "loss_head": loss, "weight_casts": casts} if training >= evaluation
               else {"evaluation": evaluation})
     held = -(-parameters // W) if strategy == "fsdp" else parameters  # this device's share of each state
@@ -393,8 +396,7 @@ def _loss_head(head: PlanNode | None, N: int, kind: str, low: bool, compiled: bo
     if kind == "cuda" and N * V <= CUDA_FULL_LOGITS_MAX and not compiled:
         # logits in the compute precision, their fp32 copy, log-softmax and its gradient (fp32)
         return N * V * (s + 12) if grad else N * V * (s + 4)
-    chunks = -(-N * V // CE_CHUNK_ELEMENTS)
-    rows = -(-N // max(1, chunks))
+    rows = ce_chunk_rows(N, V, kind == "cuda")
     chunk = rows * V  # logits of one chunk
     if not grad:
         return chunk * (4 + (s if low else 0)) + ((N + V) * E * s if low else 0)

@@ -117,6 +117,17 @@ class KVCache:
 # Logits per chunk: 128 MB in fp32. Smaller chunks cost fp32 speed on the CPU (each one re-reads and re-writes
 # the fp32 dL/dW: 676 tokens/s at 333 rows of GPT-2's vocabulary vs 705 at 512 rows, 720 unchunked).
 CE_CHUNK_ELEMENTS = 1 << 25
+# On a GPU: 1 GiB of fp32 logits per chunk. Memory is plentiful there and every chunk costs a dozen kernel launches
+# (eager) or an unrolled copy of its code (compiled): at the GPT-2 reference canvas's batch 64 x 1024 the CPU's
+# chunk would make 98 chunks, this one 13.
+CE_CHUNK_ELEMENTS_CUDA = 1 << 28
+
+
+def ce_chunk_rows(n_rows: int, vocab: int, cuda: bool) -> int:
+    """Rows per chunk of ``chunked_cross_entropy``: equal chunks of at most ``CE_CHUNK_ELEMENTS`` logits
+    (``CE_CHUNK_ELEMENTS_CUDA`` on a GPU)."""
+    n_chunks = -(-n_rows * vocab // (CE_CHUNK_ELEMENTS_CUDA if cuda else CE_CHUNK_ELEMENTS))
+    return max(1, -(-n_rows // max(1, n_chunks)))
 # On a GPU, eager training with small logits is bound by kernel launches, not memory: full logits and one fused
 # cross-entropy beat the chunked function's extra kernels there (H200, GPT-2 benchmark shape at batch 8 x 128 =
 # 51 M logits, bf16: 128-135k tokens/s against 89-118k; docs/benchmarks.md). Compiled, the chunked loss was the
@@ -132,7 +143,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         h: (N, E) hidden states entering the head.
         weight: (V, E) head weight (tied or not); bias: (V,) or None.
         targets: (N,) int64 class ids.
-        chunk_rows: rows per chunk (default: equal chunks of at most ``CE_CHUNK_ELEMENTS`` logits).
+        chunk_rows: rows per chunk (default: ``ce_chunk_rows``).
 
     Returns:
         The scalar mean loss in fp32. Under autocast the head products run in the autocast dtype and the
@@ -142,8 +153,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad))
-    n_chunks = -(-h.shape[0] * weight.shape[0] // CE_CHUNK_ELEMENTS)
-    rows = chunk_rows or max(1, -(-h.shape[0] // max(1, n_chunks)))
+    rows = chunk_rows or ce_chunk_rows(h.shape[0], weight.shape[0], h.is_cuda)
     with torch.autocast(device, enabled=False):
         return _ChunkedCrossEntropy.apply(h, weight, bias, targets, rows, dtype, want_grad)
 
