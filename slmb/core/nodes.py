@@ -74,7 +74,8 @@ def _rows_product(key: tuple, single: Callable[[torch.Tensor], torch.Tensor],
     k = (*key, x.shape[0], x.dtype, x.device, torch.get_num_threads())
     same = _BATCH_INVARIANT.get(k)
     if same is None:
-        probe = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        draw = torch.Generator(device=x.device).manual_seed(0)  # not the global generator: nobody's seed moves
+        probe = torch.randn(x.shape, generator=draw, device=x.device).to(x.dtype)
         same = _BATCH_INVARIANT[k] = torch.equal(batched(probe), _per_row(single, probe))
     return batched(x) if same else _per_row(single, x)
 
