@@ -76,6 +76,32 @@ def test_greedy_ids_equal_unbatched_with_joins_and_leaves(arch):
     batcher.close()
 
 
+def test_prompts_and_windows_of_one_length_share_a_pass():
+    """Same-length prompts, and windows re-encoded at the same step, go through one multi-token pass
+    (``decode_rows`` with T > 1); each result is still its lone one."""
+    model, tok = model_for("llama3"), load_tokenizer("byte")
+    gen = Generator(model, tok)
+    shapes: list[tuple[int, int]] = []
+    decode_rows = model.decode_rows
+
+    def recorded(ids, caches, exact=True):
+        shapes.append(tuple(ids.shape))
+        return decode_rows(ids, caches, exact)
+
+    model.decode_rows = recorded
+    batcher = BatchedGenerator(gen)
+    jobs = [(prompt, SamplingParams(max_new_tokens=30, temperature=t, seed=i, stop_at_eos=False))
+            for i, (prompt, t) in enumerate([("abcdefgh", 0), ("ROMEO: a", 0.8), ("12345678", 0), ("xyzxyzxy", 1.2)])]
+    handles = submit_together(batcher, jobs)
+    finish(handles)
+    del model.decode_rows
+    for handle, (prompt, params) in zip(handles, jobs, strict=True):
+        assert_same(handle.result, gen.generate(prompt, params))
+    assert (4, 8) in shapes  # the prompts: one pass
+    assert (4, T) in shapes  # 8 + 30 tokens overflow the window of T: the windows re-encoded together
+    batcher.close()
+
+
 def test_not_exact_mode_batches_products_and_stays_close():
     """exact=False: one product per layer for the batch (last bits may differ), so only closeness is promised;
     on these tiny models the greedy paths agree."""
@@ -398,11 +424,17 @@ def test_exact_rows_logits_equal_lone_decoding_bit_for_bit(arch, monkeypatch):
                 prompt = torch.randint(0, 257, (1, 2 + 3 * i), generator=draw)
                 model(prompt, batch[i])
                 model(prompt, alone[i])
-            for _ in range(4):
-                ids = torch.randint(0, 257, (5, 1), generator=draw)
+            for n in (1, 1, 3, 1):  # a step of 3 tokens each as well
+                ids = torch.randint(0, 257, (5, n), generator=draw)
                 out = model.decode_rows(ids, batch, exact=True)
                 for i in range(5):
                     assert torch.equal(out[i], model(ids[i : i + 1], alone[i])[0])
+            for cache in batch + alone:  # full windows re-encoded from position 0, together
+                cache.reset()
+            ids = torch.randint(0, 257, (5, T), generator=draw)
+            out = model.decode_rows(ids, batch, exact=True)
+            for i in range(5):
+                assert torch.equal(out[i], model(ids[i : i + 1], alone[i])[0])
 
     monkeypatch.setattr(N, "_BATCH_INVARIANT", {})
     run()
@@ -429,7 +461,7 @@ def test_a_batched_product_that_rounds_differently_is_not_used(monkeypatch):
     assert list(N._BATCH_INVARIANT.values()) == [False]
     exact = lambda rows: torch.cat([single(rows[i : i + 1].clone()) for i in range(rows.shape[0])])  # noqa: E731
     N._rows_product(("u",), single, exact, x)
-    assert N._BATCH_INVARIANT[("u", 6, torch.float32, x.device, torch.get_num_threads())] is True
+    assert N._BATCH_INVARIANT[("u", 6, 1, torch.float32, x.device, torch.get_num_threads())] is True
 
 
 @pytest.mark.parametrize("width", [64, 40, 4096])  # batched; a scalar tail; more than one chunk of work

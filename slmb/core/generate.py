@@ -293,27 +293,29 @@ class _Stepper:
         self.ids.append(token)
         self.pending.append(token)
 
-    def one_cached_token(self) -> bool:
-        """Whether the next step feeds one token after the cached ones (what ``SLM.decode_rows`` batches), rather
-        than a prompt, a re-encoded window, or an uncached window."""
-        return self.cache is not None and len(self.pending) == 1 and self.cache.pos < self.cache.max_len
+    def prepare(self) -> int | None:
+        """Make the next step's input ready: the tokens the model has not seen, or, when they no longer fit in
+        the window, the last ``ctx`` tokens from position 0 (learned and rotary positions are absolute, so the
+        cached keys cannot be reused after a shift). Their number, what ``SLM.decode_rows`` batches by; None
+        without a cache."""
+        if self.cache is None:
+            return None
+        if self.cache.pos + len(self.pending) > self.cache.max_len:
+            self.cache.reset()
+            self.pending = self.ids[-self.ctx:]
+        return len(self.pending)
 
-    def take(self) -> int:
-        """The pending token, for a batched step (after ``one_cached_token``)."""
-        token, self.pending = self.pending[0], []
-        return token
+    def take(self) -> list[int]:
+        """The prepared tokens, for a forward pass (after ``prepare``)."""
+        tokens, self.pending = self.pending, []
+        return tokens
 
     def logits(self) -> torch.Tensor:
         if self.cache is None:
             window = self.ids[-self.ctx:]
             return self.model(torch.tensor([window], device=self.device))[0, -1]
-        if self.cache.pos + len(self.pending) > self.cache.max_len:
-            # The window is full: re-encode the last ctx tokens from position 0.
-            self.cache.reset()
-            self.pending = self.ids[-self.ctx:]
-        x = torch.tensor([self.pending], device=self.device)
-        self.pending = []
-        return self.model(x, self.cache)[0, -1]
+        self.prepare()
+        return self.model(torch.tensor([self.take()], device=self.device), self.cache)[0, -1]
 
 
 class _TextStream:
@@ -396,6 +398,9 @@ class GenerationHandle:
 
 
 IDLE_S = 10.0  # a BatchedGenerator's thread ends after this long without requests
+# At most this many logits (fp32: 256 MiB) from one batched pass: sequences re-encoding long windows together
+# would otherwise hold (rows, window, V) of them (GPT-2's vocabulary and a 1024 window: 206 MB a row).
+ROWS_LOGITS_BUDGET = 1 << 26
 # Below this many parameters, a decoding thread uses one intra-op thread: its ops are too small to share, and an
 # OpenMP team per op (attention splits its heads across threads) costs more than the op. Measured with the tiny
 # service benchmark (bench/serve_generate.py) on a busy 2-core machine: 2 threads spent 83 ms of CPU per request
@@ -532,32 +537,47 @@ class BatchedGenerator:
 
     @torch.inference_mode()
     def _step(self, active: list[tuple[GenerationHandle, _Sequence]]) -> None:
-        """One token for every active sequence: one forward pass for those one token past their cache, one
-        each for the others (a prompt, a full window), then one sampling call for all; ends (and tells) those
-        that are done or fail."""
-        batch = [(h, s) for h, s in active if s.stepper.one_cached_token()]
-        if len(batch) < 2:
-            batch = []
+        """One token for every active sequence: one forward pass for each group of two or more sequences that
+        feed the same number of tokens (one past their cache; prompts or re-encoded windows of one length), one
+        each for the others, then one sampling call for all; ends (and tells) those that are done or fail."""
+        groups: dict[int, list[tuple[GenerationHandle, _Sequence]]] = {}
+        alone: list[tuple[GenerationHandle, _Sequence]] = []
+        for h, s in active:
+            if s.done:
+                continue
+            try:
+                n = s.stepper.prepare()
+            except Exception as exc:
+                self._fail(h, s, exc)
+                continue
+            if n is None:
+                alone.append((h, s))
+            else:
+                groups.setdefault(n, []).append((h, s))
         ready: list[tuple[GenerationHandle, _Sequence]] = []  # rows of the logits, in order
         parts: list[torch.Tensor] = []
-        if batch:
-            ids = torch.tensor([[s.stepper.take()] for _, s in batch], device=self.generator.device)
-            try:
-                out = self.model.decode_rows(ids, [s.stepper.cache for _, s in batch], self.exact)  # (B, 1, V)
-            except Exception as exc:
-                for h, s in batch:
-                    self._fail(h, s, exc)
-            else:
+        vocab = self.model.vocab_size
+        for n, group in groups.items():
+            rows = max(1, ROWS_LOGITS_BUDGET // (n * vocab))  # the (rows, n, V) logits of one pass stay bounded
+            for start in range(0, len(group), rows):
+                batch = group[start : start + rows]
+                if len(batch) < 2:
+                    alone += batch
+                    continue
+                ids = torch.tensor([s.stepper.take() for _, s in batch], device=self.generator.device)
+                try:
+                    out = self.model.decode_rows(ids, [s.stepper.cache for _, s in batch], self.exact)  # (B, n, V)
+                except Exception as exc:
+                    for h, s in batch:
+                        self._fail(h, s, exc)
+                    continue
                 self.steps += 1
                 self.batched_rows += len(batch)
                 ready += batch
                 parts.append(out[:, -1])
-        batched = {id(h) for h, _ in batch}
-        for h, s in active:
-            if s.done or id(h) in batched:
-                continue
+        for h, s in alone:
             try:
-                parts.append(s.stepper.logits().unsqueeze(0))  # a prompt, a full window: alone
+                parts.append(s.stepper.logits().unsqueeze(0))
             except Exception as exc:
                 self._fail(h, s, exc)
                 continue

@@ -31,18 +31,19 @@ class SLM(nn.Module):
         return logits
 
     def decode_rows(self, ids: torch.Tensor, caches: list[KVCache], exact: bool = True) -> torch.Tensor:
-        """One decoding step for B sequences at once: ids (B, 1), the next token of each; ``caches[i]`` is
-        sequence i's own one-sequence cache (its position, its keys and values), which this advances by one.
-        Returns logits (B, 1, V). ``exact``: every row bit-identical to ``self(ids[i:i+1], caches[i])``
-        (see ``nodes.Rows``)."""
+        """One decoding step for B sequences at once: ids (B, T), the next T tokens of each (one token, or prompts
+        or windows of one length); ``caches[i]`` is sequence i's own one-sequence cache (its position, its keys and
+        values), which this advances by T. Returns logits (B, T, V). ``exact``: every row bit-identical to
+        ``self(ids[i:i+1], caches[i])`` (see ``nodes.Rows``)."""
+        T = ids.shape[1]
         pos = [c.pos for c in caches]
-        if any(p >= c.max_len for p, c in zip(pos, caches, strict=True)):
+        if any(p + T > c.max_len for p, c in zip(pos, caches, strict=True)):
             raise ValueError("a sequence's KV cache is full: re-encode its window alone")
-        rows = N.Rows([N.Ctx(pos=p, cache=c) for p, c in zip(pos, caches, strict=True)],
-                      torch.tensor(pos, device=ids.device), exact)
+        index = torch.tensor(pos, device=ids.device)[:, None] + torch.arange(T, device=ids.device)  # (B, T)
+        rows = N.Rows([N.Ctx(pos=p, cache=c) for p, c in zip(pos, caches, strict=True)], index, exact)
         logits = self.chain(ids, N.Ctx(rows=rows))
         for c in caches:
-            c.pos += 1
+            c.pos += T
         return logits
 
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,9 @@ class Ctx:
 
 @dataclass
 class Rows:
-    """Batched decoding: row i of a (B, 1) input is the next token of its own sequence, which sits at position
-    ``ctxs[i].pos`` and keeps its keys and values in ``ctxs[i].cache`` (a one-sequence ``model.KVCache``).
+    """Batched decoding: row i of a (B, T) input is the next T tokens of its own sequence (a decode step's one
+    token, or a prompt or window of the same length as the other rows'), which start at position ``ctxs[i].pos``;
+    the sequence keeps its keys and values in ``ctxs[i].cache`` (a one-sequence ``model.KVCache``).
 
     ``exact``: the nodes whose results depend on the batch's shape (products: MKL's one-row and many-row kernels
     round differently; attention over each sequence's own cache) compute each row as the sequence alone would,
@@ -42,7 +43,7 @@ class Rows:
     last bits may differ from a lone sequence's."""
 
     ctxs: list[Ctx]  # one per row: Ctx(pos=that sequence's position, cache=its KVCache)
-    index: torch.Tensor  # (B,) the positions, on the model's device
+    index: torch.Tensor  # (B, T) the positions, on the model's device
     exact: bool = True
 
 
@@ -63,7 +64,7 @@ _BATCH_INVARIANT: dict[tuple, bool] = {}
 
 def _rows_product(key: tuple, single: Callable[[torch.Tensor], torch.Tensor],
                   batched: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Exact batched decoding's product of x (B, 1, E): ``single`` is the one-row product a lone sequence's decode
+    """Exact batched decoding's product of x (B, T, E): ``single`` is the one-row product a lone sequence's decode
     step computes, ``batched`` one call for all rows. The first time a key meets a batch size, a probe on random
     rows compares the two; the batched call is used only where every row was bit-identical (a kernel's rounding
     depends on the shapes, the batch size and the thread count it was given, not on the values). On an AMD EPYC
@@ -71,7 +72,7 @@ def _rows_product(key: tuple, single: Callable[[torch.Tensor], torch.Tensor],
     batches of 2-32, 1 and 2 threads); an earlier machine's did not for some (300x900, 3072x768, docs/benchmarks.md):
     where the probe finds a difference, the layer runs row by row."""
     x = x.contiguous()
-    k = (*key, x.shape[0], x.dtype, x.device, torch.get_num_threads())
+    k = (*key, *x.shape[:-1], x.dtype, x.device, torch.get_num_threads())
     same = _BATCH_INVARIANT.get(k)
     if same is None:
         draw = torch.Generator(device=x.device).manual_seed(0)  # not the global generator: nobody's seed moves
@@ -81,12 +82,12 @@ def _rows_product(key: tuple, single: Callable[[torch.Tensor], torch.Tensor],
 
 
 def _rows_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``F.linear`` of a plain nn.Linear for every row of x (B, 1, E), each row bit-identical to its one-row
+    """``F.linear`` of a plain nn.Linear for every row of x (B, T, E), each row bit-identical to its one-row
     product (see ``_rows_product``)."""
     w, b = layer.weight, layer.bias
 
     def batched(rows: torch.Tensor) -> torch.Tensor:
-        wt = w.t().expand(rows.shape[0], *w.t().shape)  # (B, E, O), no copy
+        wt = w.t().expand(rows.shape[0], *w.t().shape)  # (B, E, O), no copy (the bias broadcasts over T)
         return torch.bmm(rows, wt) if b is None else torch.baddbmm(b.expand(rows.shape[0], 1, b.shape[0]), rows, wt)
 
     return _rows_product(("linear", tuple(w.shape), w.stride(), b is not None), lambda r: F.linear(r, w, b),
@@ -99,7 +100,7 @@ def _plain(*layers: nn.Module) -> bool:
 
 
 def _rows_activation(act: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-    """An elementwise activation of h (B, 1, D) that rounds each row as the one-row call does. CPU kernels run
+    """An elementwise activation of h (B, T, D) that rounds each row as the one-row call does. CPU kernels run
     vector blocks (up to 2 x 16 floats) from the start of each thread's chunk, then a scalar tail whose rounding
     (erf, tanh, exp) can differ: batched is the same when D is a multiple of 64 and the tensor is one chunk."""
     if h.device.type != "cpu" or (h.shape[-1] % 64 == 0 and h.numel() <= 32768):  # 32768: at::internal::GRAIN_SIZE
@@ -133,7 +134,7 @@ class LearnedPositional(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
         if ctx.rows is not None:
-            return x + self.weight[ctx.rows.index].unsqueeze(1).to(x.dtype)  # (B, 1, E)
+            return x + self.weight[ctx.rows.index].to(x.dtype)  # (B, T, E)
         T = x.shape[1]
         _check_window(ctx.pos + T, self.weight.shape[0])
         return x + self.weight[ctx.pos : ctx.pos + T].to(x.dtype)
@@ -163,7 +164,7 @@ class SinusoidalPositional(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Ctx) -> torch.Tensor:
         if ctx.rows is not None:
-            return x + self.table[ctx.rows.index].unsqueeze(1).to(x.dtype)  # (B, 1, E)
+            return x + self.table[ctx.rows.index].to(x.dtype)  # (B, T, E)
         T = x.shape[1]
         _check_window(ctx.pos + T, self.ctx_length)
         return x + self.table[ctx.pos : ctx.pos + T].to(x.dtype)
@@ -349,16 +350,16 @@ class Attention(nn.Module):
 
     def _forward_rows(self, x: torch.Tensor, rows: Rows) -> torch.Tensor:
         """Batched decoding (see ``Rows``): each row attends over its own sequence's cache."""
-        B, H, KV, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        (B, T), H, KV, hd = x.shape[:2], self.num_heads, self.num_kv_heads, self.head_dim
         if rows.exact:  # each row's products as alone (see _rows_product), its attention over its own cache
             if not _plain(self.qkv, self.proj):
                 return torch.cat([self.forward(_row(x, i), c) for i, c in enumerate(rows.ctxs)])
-            qkv = _rows_linear(self.qkv, x).view(B, 1, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, 1, hd)
-            y = torch.cat([self._attend(_row(qkv, i), c) for i, c in enumerate(rows.ctxs)])  # (B, H, 1, hd)
-            return _rows_linear(self.proj, y.transpose(1, 2).reshape(B, 1, H * hd))
-        qkv = _linear(self.qkv, x).view(B, 1, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, 1, hd)
-        y = torch.cat([self._attend(qkv[i : i + 1], c) for i, c in enumerate(rows.ctxs)])  # (B, H, 1, hd)
-        return _linear(self.proj, y.transpose(1, 2).reshape(B, 1, H * hd))
+            qkv = _rows_linear(self.qkv, x).view(B, T, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, T, hd)
+            y = torch.cat([self._attend(_row(qkv, i), c) for i, c in enumerate(rows.ctxs)])  # (B, H, T, hd)
+            return _rows_linear(self.proj, y.transpose(1, 2).reshape(B, T, H * hd))
+        qkv = _linear(self.qkv, x).view(B, T, H + 2 * KV, hd).transpose(1, 2)  # (B, H + 2KV, T, hd)
+        y = torch.cat([self._attend(qkv[i : i + 1], c) for i, c in enumerate(rows.ctxs)])  # (B, H, T, hd)
+        return _linear(self.proj, y.transpose(1, 2).reshape(B, T, H * hd))
 
 
 def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
