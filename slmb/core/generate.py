@@ -223,8 +223,9 @@ def _column(values: list[float], device: torch.device) -> torch.Tensor | float:
 
 class _Sequence:
     """One prompt's decoding: sampling with its own generator, the repetition penalty, EOS, stop strings and the
-    text deltas. ``Generator`` runs one at a time; ``BatchedGenerator`` runs many, feeding those that are one
-    token past their cache through one forward pass, so both take the same decisions from the same logits."""
+    text deltas. ``Generator`` runs one at a time; ``BatchedGenerator`` runs many, feeding those with as many
+    tokens to feed through one forward pass and sampling them together, so both take the same decisions from the
+    same logits."""
 
     def __init__(self, g: Generator, ids: list[int], p: SamplingParams, result: Generation):
         self.t0 = time.perf_counter()
@@ -424,12 +425,12 @@ def _thread_intra_op(n: int) -> bool:
 
 
 class BatchedGenerator:
-    """Decodes concurrent requests to one model together, in one thread of its own: one forward pass per step
-    for every sequence that is one token past its cache (``SLM.decode_rows``) and one sampling call for all
-    (``Generator._sample_rows``), each sequence with its own sampling settings, seed, stop strings and stream.
-    Requests join between steps (their prompt is encoded alone first) and leave when they end or are cancelled;
-    at most ``max_batch`` decode at once, the rest wait in order. A sequence whose window is full re-encodes it
-    alone, as ``Generator`` does. ``threads``: intra-op threads of
+    """Decodes concurrent requests to one model together, in one thread of its own: each step, one forward pass
+    (``SLM.decode_rows``) for every group of sequences that feed the same number of tokens (one past their cache;
+    same-length prompts; windows that are full, re-encoded from position 0 as ``Generator`` does) and one
+    sampling call for all (``Generator._sample_rows``), each sequence with its own sampling settings, seed, stop
+    strings and stream. Requests join between steps and leave when they end or are cancelled; at most
+    ``max_batch`` decode at once, the rest wait in order. ``threads``: intra-op threads of
     the decoding thread (default: 1 for models under ``SMALL_MODEL_PARAMS`` on the CPU, else torch's setting).
 
     ``exact`` (the default): every row is computed as the sequence alone would be, so results (greedy ids,
