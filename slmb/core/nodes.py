@@ -68,9 +68,9 @@ def _rows_product(key: tuple, single: Callable[[torch.Tensor], torch.Tensor],
     step computes, ``batched`` one call for all rows. The first time a key meets a batch size, a probe on random
     rows compares the two; the batched call is used only where every row was bit-identical (a kernel's rounding
     depends on the shapes, the batch size and the thread count it was given, not on the values). On an AMD EPYC
-    (MKL, AVX2), ``bmm`` with the weight broadcast matched ``F.linear`` on one row for every shape tried (15 shapes,
-    batches of 2-32, 1 and 2 threads); an earlier machine's did not for some (300x900, 3072x768, docs/benchmarks.md):
-    where the probe finds a difference, the layer runs row by row."""
+    Zen 4 (MKL, AVX-512), ``bmm`` with the weight broadcast matched ``F.linear`` on one row for every shape tried
+    (15 shapes, batches of 2-32, 1 and 2 threads); an earlier machine's did not for some (300x900, 3072x768,
+    docs/benchmarks.md): where the probe finds a difference, the layer runs row by row."""
     x = x.contiguous()
     k = (*key, *x.shape[:-1], x.dtype, x.device, torch.get_num_threads())
     same = _BATCH_INVARIANT.get(k)
