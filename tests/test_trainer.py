@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from toy import toy_request
+from toy import losses, run, toy_request
 
 from slmb.console import ConsoleSink
 from slmb.core import events as ev
@@ -32,18 +32,6 @@ from slmb.core.trainer import get_lr, train
 from slmb.core.validate import RequestInvalidError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def run(body, **kwargs):
-    """Train with every step reported; returns (result, events)."""
-    got = []
-    kwargs.setdefault("track", False)
-    result = train(body, sinks=[ev.CallbackSink(got.append), *kwargs.pop("sinks", [])], step_every_s=0, **kwargs)
-    return result, got
-
-
-def losses(events):
-    return {e.step: e.loss for e in events if e.name == "step"}
 
 
 def test_lr_schedule():

@@ -15,7 +15,7 @@ import threading
 import pytest
 import torch
 from rich.console import Console
-from toy import toy_request
+from toy import losses, run, toy_request
 
 from slmb.console import ConsoleSink
 from slmb.core import events as ev
@@ -23,24 +23,13 @@ from slmb.core import store
 from slmb.core import trainer as trainer_mod
 from slmb.core.control import FileControl
 from slmb.core.data import Prefetcher
-from slmb.core.trainer import COMPILE_AUTO_MIN_S, EAGER_MFU, Readback, compile_policy, train
+from slmb.core.trainer import COMPILE_AUTO_MIN_S, EAGER_MFU, Readback, compile_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def run(body, **kwargs):
-    got = []
-    kwargs.setdefault("track", False)
-    result = train(body, sinks=[ev.CallbackSink(got.append), *kwargs.pop("sinks", [])], step_every_s=0, **kwargs)
-    return result, got
-
-
 def named(events, name):
     return [e for e in events if e.name == name]
-
-
-def losses(events):
-    return {e.step: e.loss for e in named(events, "step")}
 
 
 @pytest.fixture

@@ -5,6 +5,22 @@ from __future__ import annotations
 from typing import Any
 
 
+def run(body: dict[str, Any] | None, **kwargs: Any) -> tuple[Any, list]:
+    """Train with every step reported (``step_every_s=0``, no MLflow unless ``track``); returns (result, events)."""
+    from slmb.core import events as ev
+    from slmb.core.trainer import train
+
+    got: list = []
+    kwargs.setdefault("track", False)
+    result = train(body, sinks=[ev.CallbackSink(got.append), *kwargs.pop("sinks", [])], step_every_s=0, **kwargs)
+    return result, got
+
+
+def losses(events: list) -> dict[int, float]:
+    """Each step event's loss, by step."""
+    return {e.step: e.loss for e in events if e.name == "step"}
+
+
 def toy_request(*, d: int = 32, blocks: int = 1, ctx: int = 32, vocab: int = 257, dropout: float = 0.0,
                 name: str = "toy", dataset: str = "tiny_shakespeare", **config: Any) -> dict[str, Any]:
     """The JSON body of a tiny GPT-2-style canvas (tied LM head), with training keys for a few-step run."""
