@@ -89,8 +89,8 @@ def worker(args: argparse.Namespace) -> None:
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss, _ = step([batches[i % len(batches)]], 3e-4)
-        dist.step_result(loss, False)  # the trainer's per-step sync: loss (all-reduced) and the stop flag
+        loss, grad_norm = step([batches[i % len(batches)]], 3e-4)
+        dist.step_numbers(loss, grad_norm, False).tolist()  # the trainer's step all-reduce, read at once (as on a CPU)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)

@@ -221,11 +221,6 @@ class Dist:
             dist.all_reduce(t)  # the gradient norm is the same on every rank: its mean is itself
         return t
 
-    def step_result(self, loss: torch.Tensor, stop: bool) -> tuple[float, bool]:
-        """(the step's loss averaged over ranks, whether any rank wants to stop), read at once: one sync."""
-        loss_val, _, stops = self.step_numbers(loss, loss.new_zeros(()), stop).tolist()
-        return loss_val, stops > 0
-
     def share(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """This rank's rows of an evaluation batch and their share of it. Every rank runs a forward pass (FSDP's
         collectives need all of them); one left without rows repeats row 0 with weight 0."""
