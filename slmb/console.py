@@ -160,6 +160,8 @@ class ConsoleSink:
                      "mfu": f"MFU {fmt_mfu(e.mfu)}" if e.mfu is not None or e.model_flops is None
                      else fmt_flops(e.model_flops), "eta": f"ETA {fmt_duration(e.eta_s)}"}
             self.progress.update(self.task, completed=e.step, shown=shown)
+            if self.started is not None and e.step == self.started.resumed_from_step + 1:
+                self.progress.refresh()  # the first step's line at once, not at the next 2 Hz redraw
 
     def _on_step(self, e: ev.Step) -> None:
         self.train_points.append((e.step, e.loss))
